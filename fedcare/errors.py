@@ -19,3 +19,18 @@ class SiteDataError(FedcareError):
 
 class LedgerError(FedcareError):
     """A privacy ledger is missing, corrupted or has been tampered with."""
+
+
+# A site that cannot do what the server asked replies with a Flower Error carrying this code and
+# the reason "<site name>: <one line>", so the server can file the failure under the right site.
+SITE_ERROR_CODE = 4101
+
+
+def site_error_reason(site: str, err: Exception) -> str:
+    return f"{site}: {err}"
+
+
+def site_of_error(code: int, reason: str) -> str | None:
+    if code != SITE_ERROR_CODE or ": " not in reason:
+        return None
+    return reason.split(": ", 1)[0]

@@ -1,0 +1,139 @@
+"""The run configuration: every tunable key, its type and its allowed values, checked once.
+
+Flower hands the apps a flat mapping (`context.run_config`) built from
+`[tool.flwr.app.config]` in pyproject.toml and any `--run-config` overrides. `RunConfig.from_mapping`
+turns it into a typed object, or stops with a ConfigError naming the first wrong key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedcare.errors import ConfigError
+
+MODELS = ("small-cnn", "densenet121")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated run, as the server plans it. Field names are the config keys in snake case."""
+
+    num_server_rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    model: str = "small-cnn"
+    image_size: int = 64
+    val_fraction: float = 0.2
+    seed: int = 42
+    data_root: str = "outputs/demo-data"
+    sites_dir: str = "outputs/sites"
+    outputs_dir: str = "outputs"
+    round_timeout: float = 600.0
+    min_sites: int = 2
+    dp: bool = True
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 8.0
+    target_delta: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+    site_budgets: str = ""
+    site_budget_epsilon: float = 10.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's flat run config (kebab-case keys); unknown keys and bad values stop here."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"run config: unknown key '{key}'; known keys: "
+                    + ", ".join(sorted(k.replace("_", "-") for k in known))
+                )
+            kwargs[name] = _coerce(key, value, type(getattr(cls, name)))
+        config = cls(**kwargs)
+        config._check()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config with its kebab-case keys, as written into metrics.json."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def site_budget(self, site: str) -> float:
+        """The lifetime epsilon budget of a simulated site (deployed sites set theirs in node config)."""
+        return parse_site_budgets(self.site_budgets).get(site, self.site_budget_epsilon)
+
+    def _check(self) -> None:
+        positive = ("num_server_rounds", "local_epochs", "min_sites", "batch_size", "learning_rate",
+                    "image_size", "round_timeout", "max_grad_norm", "target_epsilon")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                _fail(name, getattr(self, name), "must be greater than 0")
+        if not 0.0 < self.val_fraction < 1.0:
+            _fail("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive)")
+        if self.noise_multiplier < 0:
+            _fail("noise_multiplier", self.noise_multiplier, "must be 0 (derive it) or positive")
+        if not 0.0 <= self.target_delta < 1.0:
+            _fail("target_delta", self.target_delta, "must be 0 (automatic) or in (0, 1)")
+        if self.site_budget_epsilon <= 0:
+            _fail("site_budget_epsilon", self.site_budget_epsilon, "must be greater than 0")
+        for name, allowed in (("model", MODELS), ("accountant", ACCOUNTANTS),
+                              ("grad_sample_mode", GRAD_SAMPLE_MODES)):
+            if getattr(self, name) not in allowed:
+                _fail(name, getattr(self, name), "must be one of " + ", ".join(allowed))
+        parse_site_budgets(self.site_budgets)
+
+
+def parse_site_budgets(text: str) -> dict[str, float]:
+    """Parse 'site-0=8 site-2=3' into {'site-0': 8.0, 'site-2': 3.0}."""
+    budgets: dict[str, float] = {}
+    for item in text.replace(",", " ").split():
+        site, sep, value = item.partition("=")
+        try:
+            budgets[site] = float(value) if sep and site else -1.0
+        except ValueError:
+            budgets[site] = -1.0
+        if budgets[site] <= 0:
+            raise ConfigError(
+                f"run config: site-budgets entry '{item}' is not SITE=EPSILON with EPSILON > 0, "
+                "e.g. site-budgets = \"site-0=8 site-2=3\""
+            )
+    return budgets
+
+
+def load_preset(path: Path) -> RunConfig:
+    """Read a preset from configs/ and check it against the defaults, as a run would."""
+    try:
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: run-config file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    try:
+        return RunConfig.from_mapping(values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    # TOML gives ints where users mean floats ("target-epsilon = 8"); anything else is a mistake.
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(
+        f"run config: '{key}' = {value!r} must be of type {kind.__name__}"
+    )
+
+
+def _fail(name: str, value: Any, rule: str) -> None:
+    raise ConfigError(f"run config: '{name.replace('_', '-')}' = {value!r} {rule}")

@@ -1,0 +1,119 @@
+"""Run the Flower app as a local simulation federation: the real `flwr run . --stream`.
+
+Flower keeps its connections and the local SuperLink's state under `FLWR_HOME`; we point it inside
+the project's outputs, give the SuperLink ports of its own (a SuperLink already listening on
+Flower's default ports, say a user's own, would otherwise be reused) and stop it when done.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedcare.config import RunConfig, load_preset
+from fedcare.errors import FedcareError
+
+PATH_KEYS = ("data-root", "sites-dir", "outputs-dir")
+
+
+def run_simulation(project: Path, preset: Path | None, sites: int, overrides: dict[str, Any] | None = None,
+                   flwr_home: Path | None = None) -> Path:
+    """Run one federation of `sites` simulated sites; returns the published run folder."""
+    project = project.resolve()
+    values = _preset_values(preset) | dict(overrides or {})
+    config = RunConfig.from_mapping(values)
+    # Relative paths mean "inside the project", wherever the SuperLink's processes happen to run.
+    for key in PATH_KEYS:
+        path = Path(config.to_dict()[key])
+        values[key] = str(path if path.is_absolute() else project / path)
+    config = RunConfig.from_mapping(values)
+    outputs = Path(config.outputs_dir)
+    home = (flwr_home or outputs / "flwr-home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    merged = home / "run-config.toml"
+    merged.write_text(tomli_w.dumps(values))
+
+    env = os.environ | {
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # The app runs in this environment, already installed; never let the SuperLink `uv sync`
+        # a second copy of torch from the network at run time.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # flwr starts `flower-superlink` by name: the one beside this interpreter must be found first.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    command = [str(Path(sys.executable).with_name("flwr")), "run", str(project), "local", "--stream", "--run-config", str(merged),
+               "--federation-config", f"num-supernodes={sites}"]
+    before = _latest(outputs)
+    try:
+        status = subprocess.run(command, cwd=project, env=env).returncode
+    finally:
+        stop_local_superlink(home)
+    after = _latest(outputs)
+    if status != 0 or after is None or after == before:
+        raise FedcareError(f"the federated run did not complete (flwr exit status {status}); "
+                           f"see {home / 'local-superlink' / 'superlink.log'}")
+    return after
+
+
+def stop_local_superlink(home: Path) -> None:
+    """Stop the SuperLink (and its simulation) that `flwr run` started under this FLWR_HOME."""
+    marker = str(home / "local-superlink")
+    for pid in _pids_with_argument(marker):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + 10
+    while _pids_with_argument(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in _pids_with_argument(marker):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _preset_values(preset: Path | None) -> dict[str, Any]:
+    if preset is None:
+        return {}
+    load_preset(preset)  # stops on an unknown key, which Flower itself would silently drop
+    with open(preset, "rb") as handle:
+        return tomllib.load(handle)
+
+
+def _latest(outputs: Path) -> Path | None:
+    link = outputs / "latest"
+    return link.resolve() if link.is_symlink() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _pids_with_argument(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            arguments = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" in arguments and text in arguments:
+            pids.append(int(entry.name))
+    return pids

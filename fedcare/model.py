@@ -1,0 +1,65 @@
+"""The model factory: one place that turns the run config into a MONAI network.
+
+Every network built here must survive Opacus' per-sample gradients, because each site trains it
+under DP-SGD. That rules out BatchNorm (it mixes samples in a batch, so one sample's gradient
+depends on the others and cannot be clipped on its own) and in-place activations (Opacus' backward
+hooks see views that an in-place op would overwrite). GroupNorm keeps normalisation per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.nets import DenseNet121
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from fedcare.config import RunConfig
+from fedcare.errors import ConfigError
+
+NUM_CLASSES = 2
+GROUP_NORM = ("group", {"num_groups": 4})
+
+
+def build_model(config: RunConfig) -> nn.Module:
+    """A fresh, seeded network for the run's task; the same config gives the same weights."""
+    torch.manual_seed(config.seed)
+    if config.model == "small-cnn":
+        model = small_cnn()
+    elif config.model == "densenet121":
+        model = DenseNet121(
+            spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES,
+            norm=("group", {"num_groups": 32}), act=("relu", {"inplace": False}),
+        )
+    else:
+        raise ConfigError(f"run config: 'model' = {config.model!r} has no factory")
+    for module in model.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    return model
+
+
+def small_cnn(channels: tuple[int, ...] = (16, 32, 64)) -> nn.Module:
+    """Strided MONAI convolution blocks, then global max pooling: a lesion anywhere in the slice counts."""
+    layers: list[nn.Module] = []
+    in_channels = 1
+    for out_channels in channels:
+        layers.append(Convolution(
+            spatial_dims=2, in_channels=in_channels, out_channels=out_channels,
+            strides=2, kernel_size=3, norm=GROUP_NORM, act="relu",
+        ))
+        in_channels = out_channels
+    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(in_channels, NUM_CLASSES)]
+    return nn.Sequential(*layers)
+
+
+def check_private_trainable(model: nn.Module) -> None:
+    """Stop with the name of the first layer DP-SGD cannot train, before any site spends budget."""
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        raise ConfigError(f"model: Opacus cannot train it privately: {problems[0]}; "
+                          "use GroupNorm or InstanceNorm instead of BatchNorm")
+    for name, module in model.named_modules():
+        if getattr(module, "inplace", False):
+            raise ConfigError(f"model: layer '{name}' ({type(module).__name__}) is in-place; "
+                              "DP-SGD needs inplace=False")

@@ -1,0 +1,102 @@
+"""The run folder: `outputs/<run-id>/` with the global model, metrics.json and summary.md.
+
+Everything is written into a hidden staging folder first and renamed into place at the end, and
+`outputs/latest` is swapped atomically, so a reader never sees a half-written run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+METRICS = ("loss", "accuracy", "auc")
+
+
+class RunFolder:
+    """A run's output folder, staged until `publish()`."""
+
+    def __init__(self, outputs_dir: Path, run_id: str) -> None:
+        self.outputs_dir = Path(outputs_dir)
+        self.final = self.outputs_dir / run_id
+        self.staging = self.outputs_dir / f".{run_id}.partial"
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True)
+
+    def path(self, name: str) -> Path:
+        return self.staging / name
+
+    def write_json(self, name: str, data: Any) -> Path:
+        path = self.path(name)
+        path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        return path
+
+    def publish(self) -> Path:
+        """Move the finished run into place and point `latest` at it."""
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.staging, self.final)
+        link = self.outputs_dir / "latest"
+        temporary = self.outputs_dir / ".latest.tmp"
+        if temporary.is_symlink() or temporary.exists():
+            temporary.unlink()
+        temporary.symlink_to(self.final.name)
+        os.replace(temporary, link)
+        return self.final
+
+
+def weighted_aggregate(sites: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Loss, accuracy and AUC over the sites that evaluated, weighted by their validation samples."""
+    evaluated = [s for s in sites.values() if s.get("evaluate_status") == "ok"]
+    total = sum(s["num_examples"] for s in evaluated)
+    if not total:
+        return {}
+    return {m: sum(s[m] * s["num_examples"] for s in evaluated) / total for m in METRICS} | {"num_examples": total}
+
+
+def metrics_document(config: dict[str, Any], rounds: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """metrics.json: the run config and, per round, every site's outcome and the weighted aggregate."""
+    return {
+        "config": config,
+        "rounds": [
+            {"round": r, "sites": dict(sorted(rounds[r].items())), "aggregate": weighted_aggregate(rounds[r]),
+             "failures": _failures(r, rounds[r])}
+            for r in sorted(rounds)
+        ],
+    }
+
+
+def summary_markdown(document: dict[str, Any], run_id: str, notes: list[str]) -> str:
+    """A short table a person reads: each site, each round, and the global model's figures."""
+    lines = [f"# Federated run {run_id}", ""] + [f"- {note}" for note in notes] + [""]
+    lines += ["| round | site | training | val loss | val accuracy | val AUC | val cases |",
+              "|---|---|---|---|---|---|---|"]
+    for item in document["rounds"]:
+        for site, entry in item["sites"].items():
+            training = entry.get("train_status", "-")
+            if training != "ok" and entry.get("train_error"):
+                training += f" ({entry['train_error']})"
+            lines.append(f"| {item['round']} | {site} | {training} | " + _figures(entry)
+                         + f" {entry.get('num_examples', '-')} |")
+        lines.append(f"| {item['round']} | **all sites** | | " + _figures(item["aggregate"])
+                     + f" {item['aggregate'].get('num_examples', '-')} |")
+    failures = [f for item in document["rounds"] for f in item["failures"]]
+    lines += ["", "## Failures", ""]
+    lines += [f"- round {f['round']}, {f['site']}, {f['stage']}: {f['reason']}" for f in failures] or ["- none"]
+    return "\n".join(lines) + "\n"
+
+
+def _figures(entry: dict[str, Any]) -> str:
+    return " ".join(f"{entry[m]:.3f} |" if m in entry else "- |" for m in METRICS)
+
+
+def _failures(server_round: int, sites: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"round": server_round, "site": site, "stage": stage, "status": entry[f"{stage}_status"], "reason": entry.get(f"{stage}_error", "")}
+        for site, entry in sorted(sites.items())
+        for stage in ("train", "evaluate")
+        if entry.get(f"{stage}_status") not in (None, "ok")
+    ]

@@ -1,0 +1,80 @@
+"""Local work on one site: a training epoch loop, and evaluation with loss, accuracy and ROC AUC.
+
+DP-SGD reuses the same epoch loop with Opacus' wrapped model, optimizer and loader
+(`fedcare.privacy.dpsgd`), so private and plain training differ only in what they are handed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fedcare.config import RunConfig
+
+
+def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
+    # num_workers=0: MONAI datasets in worker processes are a known source of segfaults under Flower.
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+
+
+def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch; Opacus' Poisson loader keeps the same count (q = 1/steps)."""
+    return math.ceil(num_samples / batch_size)
+
+
+def train_epochs(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, epochs: int) -> float:
+    """Run `epochs` passes over `loader`; returns the mean training loss per sample."""
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        for images, labels in loader:
+            # Poisson sampling may draw an empty batch: it must still be a (noise-only) step, since
+            # the accountant counts every step and skipping one would depend on the data.
+            optimizer.zero_grad()
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            if len(labels):
+                total += loss.item() * len(labels)
+                count += len(labels)
+    return total / max(count, 1)
+
+
+def train_plain(model: nn.Module, dataset: Dataset, config: RunConfig, round_seed: int) -> float:
+    """Ordinary local training, used when the run switches DP off."""
+    loader = make_loader(dataset, config.batch_size, round_seed, shuffle=True)
+    return train_epochs(model, loader, make_optimizer(model, config), config.local_epochs)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int) -> dict[str, float]:
+    """Loss, accuracy and ROC AUC of the model on a site's validation split."""
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, scores, targets = 0.0, [], []
+    for images, labels in make_loader(dataset, batch_size, seed=0, shuffle=False):
+        logits = model(images)
+        total_loss += float(loss_fn(logits, labels))
+        scores.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+        targets.append(labels.numpy())
+    score = np.concatenate(scores)
+    target = np.concatenate(targets)
+    # AUC is undefined when the split holds one class only; report chance rather than fail the round.
+    auc = float(roc_auc_score(target, score)) if len(np.unique(target)) == 2 else 0.5
+    return {
+        "loss": total_loss / len(target),
+        "accuracy": float(np.mean((score >= 0.5) == target)),
+        "auc": auc,
+    }

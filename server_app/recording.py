@@ -1,0 +1,106 @@
+"""What happened at each site in each round: trained, refused (budget), failed, or silent.
+
+`RecordingStrategy` wraps any Flower Message-API strategy: before the strategy aggregates, it
+files every reply by site and hands on only the real model updates, so a refusal or a failure is
+recorded with its reason and never mistaken for an update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedcare.errors import site_of_error
+
+NO_REPLY = "no reply before the round timeout"
+
+
+@dataclass
+class RoundLog:
+    """Per-round, per-site outcomes, keyed by site name; filled while the strategy runs."""
+
+    rounds: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    privacy: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+    expected: dict[tuple[int, str], list[int]] = field(default_factory=dict)
+
+    def site_of(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        if msg.has_content() and "site" in msg.content:
+            self.names[node] = str(msg.content["site"]["name"])
+        elif msg.has_error() and site_of_error(msg.error.code, str(msg.error.reason)):
+            self.names[node] = site_of_error(msg.error.code, str(msg.error.reason))
+        return self.names.get(node, f"node {node}")
+
+    def entry(self, server_round: int, site: str) -> dict[str, Any]:
+        return self.rounds.setdefault(server_round, {}).setdefault(site, {})
+
+    def file_replies(self, server_round: int, stage: str, replies: Iterable[Message]) -> list[Message]:
+        """Record every reply of a train or evaluate stage; return those that carry results."""
+        answered, usable = set(), []
+        for msg in replies:
+            site = self.site_of(msg)
+            answered.add(msg.metadata.src_node_id)
+            entry = self.entry(server_round, site)
+            if msg.has_error():
+                entry[f"{stage}_status"] = "failed"
+                entry[f"{stage}_error"] = str(msg.error.reason)
+                continue
+            if "privacy" in msg.content:
+                self.privacy.setdefault(server_round, {})[site] = dict(msg.content["privacy"])
+            if stage == "train" and "arrays" not in msg.content:
+                numbers = msg.content["privacy"]
+                entry["train_status"] = "refused"
+                entry["train_error"] = (f"privacy budget exhausted: this round would take epsilon to "
+                                        f"{numbers['epsilon_after']:.2f}, over the site's budget "
+                                        f"{numbers['budget_epsilon']:.2f}")
+                continue
+            entry[f"{stage}_status"] = "ok"
+            metrics = dict(msg.content["metrics"])
+            if stage == "train":
+                entry.update(train_loss=metrics["train-loss"], num_train_examples=int(metrics["num-examples"]))
+            else:
+                entry.update(loss=metrics["loss"], accuracy=metrics["accuracy"], auc=metrics["auc"],
+                             num_examples=int(metrics["num-examples"]))
+            usable.append(msg)
+        for node in self.expected.pop((server_round, stage), []):
+            if node not in answered:
+                entry = self.entry(server_round, self.names.get(node, f"node {node}"))
+                entry[f"{stage}_status"], entry[f"{stage}_error"] = "failed", NO_REPLY
+        return usable
+
+    def expect(self, server_round: int, stage: str, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self.expected[(server_round, stage)] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+
+def recording(strategy_class: type) -> type:
+    """A subclass of `strategy_class` that files each reply in `self.log` before aggregating."""
+
+    class RecordingStrategy(strategy_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.log = RoundLog()
+
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                            grid: Grid) -> Iterable[Message]:
+            return self.log.expect(server_round, "train", super().configure_train(server_round, arrays, config, grid))
+
+        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                               grid: Grid) -> Iterable[Message]:
+            return self.log.expect(server_round, "evaluate",
+                                   super().configure_evaluate(server_round, arrays, config, grid))
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                            ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            return super().aggregate_train(server_round, self.log.file_replies(server_round, "train", replies))
+
+        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+            return super().aggregate_evaluate(server_round, self.log.file_replies(server_round, "evaluate", replies))
+
+    RecordingStrategy.__name__ = f"Recording{strategy_class.__name__}"
+    return RecordingStrategy

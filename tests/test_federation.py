@@ -1,0 +1,134 @@
+"""End to end: the real `flwr run` on a local simulation SuperLink, two sites, two rounds.
+
+The runs share one pair of site folders, as a hospital's disk would across runs: the second run
+must continue each site's lifetime ledger, and a site without budget left must refuse to train.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_adapters import write_demo_sites
+from fedcare.config import RunConfig
+from fedcare.model import build_model
+from fedcare.federation import run_simulation
+from fedcare.privacy.ledger import Ledger
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    base = tmp_path_factory.mktemp("federation")
+    write_demo_sites(base / "data", sites=2, seed=3, cases=[40, 60])
+    settings = {
+        "num-server-rounds": 2, "local-epochs": 1, "batch-size": 16, "learning-rate": 0.003,
+        "data-root": str(base / "data"), "sites-dir": str(base / "sites"), "outputs-dir": str(base / "out"),
+        "target-epsilon": 4.0, "site-budget-epsilon": 50.0,
+    }
+
+    def run(**overrides):
+        values = settings | overrides
+        return run_simulation(ROOT, None, 2, overrides=values, flwr_home=base / "flwr-home"), values
+
+    return base, run
+
+
+@pytest.fixture(scope="module")
+def first_run(federation):
+    return federation[1]()
+
+
+def read(folder: Path, name: str) -> dict:
+    return json.loads((folder / name).read_text())
+
+
+def test_run_folder_has_model_metrics_summary_and_report(first_run):
+    folder, _ = first_run
+    for name in ("global_model.pt", "metrics.json", "summary.md", "privacy_report.json",
+                 "privacy_report.md", "privacy_report.png"):
+        assert (folder / name).is_file(), name
+    assert (folder.parent / "latest").resolve() == folder
+    assert not list(folder.parent.glob(".*.partial"))
+
+
+def test_every_site_reports_every_round(first_run):
+    folder, values = first_run
+    metrics = read(folder, "metrics.json")
+    assert metrics["config"]["num-server-rounds"] == 2
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for item in metrics["rounds"]:
+        assert sorted(item["sites"]) == ["site-0", "site-1"]
+        for entry in item["sites"].values():
+            assert entry["train_status"] == "ok" and entry["evaluate_status"] == "ok"
+            assert 0.0 <= entry["auc"] <= 1.0 and entry["num_examples"] > 0
+        # num-examples are samples: 40 and 60 cases with a 20 % validation split
+        assert sorted(e["num_train_examples"] for e in item["sites"].values()) == [32, 48]
+        total = sum(e["num_examples"] for e in item["sites"].values())
+        weighted = sum(e["auc"] * e["num_examples"] for e in item["sites"].values()) / total
+        assert item["aggregate"]["auc"] == pytest.approx(weighted)
+    summary = (folder / "summary.md").read_text()
+    assert summary.count("| site-0 |") == 2 and summary.count("| site-1 |") == 2
+
+
+def test_global_model_moved_away_from_the_initial_weights(first_run):
+    folder, values = first_run
+    trained = torch.load(folder / "global_model.pt")
+    initial = build_model(RunConfig.from_mapping(values)).state_dict()
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+
+
+def test_privacy_report_matches_each_sites_ledger(federation, first_run):
+    base, _ = federation
+    folder, _ = first_run
+    report = read(folder, "privacy_report.json")
+    assert report["dp"] is True
+    for site in ("site-0", "site-1"):
+        entries = Ledger(base / "sites" / site / "ledger.jsonl").entries()
+        rounds = report["sites"][site]["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2] == [e.round for e in entries]
+        assert [r["epsilon"] for r in rounds] == pytest.approx([e.epsilon for e in entries])
+        assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] <= 4.0 + 1e-6
+        assert report["sites"][site]["status"] == "ok"
+
+
+def test_second_run_continues_the_ledger_and_a_spent_site_refuses(federation, first_run):
+    base, run = federation
+    spent = Ledger(base / "sites" / "site-0" / "ledger.jsonl").entries()[-1].epsilon
+    before = Ledger(base / "sites" / "site-1" / "ledger.jsonl").entries()
+    folder, _ = run(**{"site-budgets": f"site-0={spent + 0.01:.4f}"})
+
+    assert len(Ledger(base / "sites" / "site-0" / "ledger.jsonl").entries()) == 2
+    after = Ledger(base / "sites" / "site-1" / "ledger.jsonl").entries()
+    assert len(after) == 4 and after[:2] == before
+    assert after[2].epsilon > before[-1].epsilon  # spending composes across runs
+
+    report = read(folder, "privacy_report.json")["sites"]
+    assert report["site-0"]["status"] == "budget-exhausted"
+    assert report["site-0"]["epsilon"] <= report["site-0"]["budget_epsilon"]
+    assert report["site-1"]["status"] == "ok"
+    metrics = read(folder, "metrics.json")
+    for item in metrics["rounds"]:
+        assert item["sites"]["site-0"]["train_status"] == "refused"
+        assert item["sites"]["site-0"]["evaluate_status"] == "ok"
+        assert item["sites"]["site-1"]["train_status"] == "ok"
+
+
+def test_a_site_with_a_broken_manifest_fails_its_reply_by_name(federation, first_run, tmp_path):
+    base, run = federation
+    data = tmp_path / "data"
+    shutil.copytree(base / "data", data)
+    (data / "site-1" / "labels.csv").write_text("SOPInstanceUID;label\n1.2.3;yes\n")
+    folder, _ = run(**{"data-root": str(data), "sites-dir": str(tmp_path / "sites"), "dp": False})
+    metrics = read(folder, "metrics.json")
+    for item in metrics["rounds"]:
+        assert item["sites"]["site-0"]["train_status"] == "ok"
+        failure = [f for f in item["failures"] if f["site"] == "site-1" and f["stage"] == "train"]
+        assert failure and "labels.csv" in failure[0]["reason"]
+        assert "Traceback" not in failure[0]["reason"]
+    assert read(folder, "privacy_report.json")["dp"] is False
