@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from fedcare.config import RunConfig
+from fedcare.model import grad_sample_mode
 from fedcare.privacy.accounting import default_delta, epsilon, epsilon_after, noise_multiplier_for
 from fedcare.privacy.ledger import Ledger
 from fedcare.sites import Site
@@ -67,25 +69,43 @@ def plan_round(config: RunConfig, site: Site, num_train: int, history: History) 
     )
 
 
-def train_private(
+@dataclass
+class PrivateTraining:
+    """Opacus' engine, wrapped model, DP optimizer and Poisson loader for one round."""
+
+    engine: PrivacyEngine
+    model: nn.Module
+    optimizer: DPOptimizer
+    loader: DataLoader
+
+
+def private_training(
     model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History, round_seed: int
-) -> tuple[float, float, int]:
-    """Train one round under DP-SGD; returns (mean loss, cumulative epsilon, steps taken).
+) -> PrivateTraining:
+    """Wrap model, optimizer and data for DP-SGD, with the accountant resumed from the ledger.
 
     The accountant starts from the ledger's history so that `get_epsilon` composes this round with
     everything the site released before, in this run and in earlier ones.
     """
     engine = PrivacyEngine(accountant=plan.accountant)
     engine.accountant.history = list(history)
-    loader = make_loader(dataset, config.batch_size, round_seed, shuffle=False)
-    private_model, optimizer, private_loader = engine.make_private(
-        module=model, optimizer=make_optimizer(model, config), data_loader=loader,
+    private_model, optimizer, loader = engine.make_private(
+        module=model, optimizer=make_optimizer(model, config),
+        data_loader=make_loader(dataset, config.batch_size, round_seed, shuffle=False),
         noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True, grad_sample_mode=config.grad_sample_mode,
+        poisson_sampling=True, grad_sample_mode=grad_sample_mode(config),
     )
-    loss = train_epochs(private_model, private_loader, optimizer, config.local_epochs)
-    steps = sum(step for _, _, step in engine.accountant.history) - sum(step for _, _, step in history)
-    return loss, engine.get_epsilon(plan.delta), steps
+    return PrivateTraining(engine, private_model, optimizer, loader)
+
+
+def train_private(
+    model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History, round_seed: int
+) -> tuple[float, float, int]:
+    """Train one round under DP-SGD; returns (mean loss, cumulative epsilon, steps taken)."""
+    private = private_training(model, dataset, config, plan, history, round_seed)
+    loss = train_epochs(private.model, private.loader, private.optimizer, config.local_epochs)
+    steps = sum(step for _, _, step in private.engine.accountant.history) - sum(step for _, _, step in history)
+    return loss, private.engine.get_epsilon(plan.delta), steps
 
 
 def record_round(ledger: Ledger, plan: RoundPlan, run_id: str, server_round: int, epsilon: float, steps: int) -> None:
