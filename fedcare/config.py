@@ -16,7 +16,7 @@ from fedcare.errors import ConfigError
 
 MODELS = ("small-cnn", "densenet121")
 ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("hooks", "functorch")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class RunConfig:
     target_delta: float = 0.0
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "auto"
     site_budgets: str = ""
     site_budget_epsilon: float = 10.0
 

@@ -19,6 +19,9 @@ from fedcare.errors import ConfigError
 
 NUM_CLASSES = 2
 GROUP_NORM = ("group", {"num_groups": 4})
+# How Opacus computes per-sample gradients for each network, when the run config says "auto":
+# the fastest mode that works, measured on 2 CPU cores by benchmarks/bench_dp.py.
+GRAD_SAMPLE_MODE = {"small-cnn": "hooks", "densenet121": "functorch"}
 
 
 def build_model(config: RunConfig) -> nn.Module:
@@ -63,3 +66,8 @@ def check_private_trainable(model: nn.Module) -> None:
         if getattr(module, "inplace", False):
             raise ConfigError(f"model: layer '{name}' ({type(module).__name__}) is in-place; "
                               "DP-SGD needs inplace=False")
+
+
+def grad_sample_mode(config: RunConfig) -> str:
+    """The per-sample gradient mode for this run's network (measured choice unless the config names one)."""
+    return GRAD_SAMPLE_MODE[config.model] if config.grad_sample_mode == "auto" else config.grad_sample_mode
