@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from fedcare.errors import ConfigError
 
 MODELS = ("small-cnn", "densenet121")
+OPTIMIZERS = ("sgd", "adam")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
 
@@ -26,7 +27,8 @@ class RunConfig:
     num_server_rounds: int = 5
     local_epochs: int = 1
     batch_size: int = 32
-    learning_rate: float = 0.001
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
     model: str = "small-cnn"
     image_size: int = 64
     val_fraction: float = 0.2
@@ -85,7 +87,7 @@ class RunConfig:
             _fail("target_delta", self.target_delta, "must be 0 (automatic) or in (0, 1)")
         if self.site_budget_epsilon <= 0:
             _fail("site_budget_epsilon", self.site_budget_epsilon, "must be greater than 0")
-        for name, allowed in (("model", MODELS), ("accountant", ACCOUNTANTS),
+        for name, allowed in (("model", MODELS), ("optimizer", OPTIMIZERS), ("accountant", ACCOUNTANTS),
                               ("grad_sample_mode", GRAD_SAMPLE_MODES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), "must be one of " + ", ".join(allowed))

@@ -25,7 +25,11 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool) -> 
 
 
 def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    # Measured on the demo: SGD with momentum learns reliably from clipped, noised DP gradients,
+    # where Adam's per-coordinate scaling amplifies the noise; without DP, Adam converges faster.
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9)
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
