@@ -13,6 +13,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.egress import egress_log
 from data_adapters import site_datasets
 from fedcare.config import RunConfig
 from fedcare.errors import SITE_ERROR_CODE, FedcareError, site_error_reason
@@ -22,7 +23,7 @@ from fedcare.privacy.ledger import Ledger
 from fedcare.sites import Site, site_from_node_config
 from fedcare.training import evaluate, train_plain
 
-app = ClientApp()
+app = ClientApp(mods=[egress_log])
 log = logging.getLogger("fedcare.site")
 
 
@@ -36,8 +37,9 @@ def train(msg: Message, context: Context) -> Message:
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         server_round = int(msg.content["config"]["server-round"])
         round_seed = config.seed * 1000 + server_round
+        proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx only
         if not config.dp:
-            loss = train_plain(model, data.train, config, round_seed)
+            loss = train_plain(model, data.train, config, round_seed, proximal_mu)
             return _reply(msg, site, model, loss, data.num_train, ConfigRecord({"dp": False}))
 
         check_private_trainable(model)
@@ -51,7 +53,7 @@ def train(msg: Message, context: Context) -> Message:
             privacy.update(status="budget-exhausted", **_history_lists(history))
             return Message(RecordDict({"privacy": ConfigRecord(privacy), "site": _site_record(site)}), reply_to=msg)
 
-        loss, epsilon, steps = train_private(model, data.train, config, plan, history, round_seed)
+        loss, epsilon, steps = train_private(model, data.train, config, plan, history, round_seed, proximal_mu)
         record_round(ledger, plan, str(context.run_id), server_round, epsilon, steps)
         privacy.update(status="ok", epsilon=epsilon, steps=steps, **_history_lists(ledger.history()))
         log.info("%s round %d trained: epsilon %.3f of %.3f", site.name, server_round, epsilon, plan.budget_epsilon)

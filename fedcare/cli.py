@@ -9,7 +9,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import click
 import typer
@@ -17,6 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcare.errors import FedcareError
+
+if TYPE_CHECKING:
+    from fedcare.egress import Audit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console()
@@ -60,6 +63,52 @@ def run(
         console.print(f"Simulated sites start from a clean state: removed their ledgers under {planned.sites_dir}/")
     folder = run_simulation(project, config, sites)
     show_run(folder)
+    table, lines = Table("site", "replies sent", "bytes", "egress audit", title="What left each site"), []
+    for index in range(sites):
+        log = Path(planned.sites_dir) / f"site-{index}" / "egress.jsonl"
+        result = audit_site_log(log)
+        verdict = "clean" if result.clean else f"{len(result.violations)} VIOLATIONS"
+        table.add_row(f"site-{index}", str(sum(result.replies.values())), str(result.bytes), verdict)
+        lines.append(f"- site-{index}: {verdict}; {(log.parent / 'egress_audit.txt').resolve()}")
+    console.print(table)
+    with open(folder / "summary.md", "a") as summary:
+        summary.write("\n## Egress audits (run at each site)\n\n" + "\n".join(lines) + "\n")
+
+
+@app.command("audit")
+def audit_command(
+    log: Path = typer.Argument(..., help="A site's egress.jsonl."),
+) -> None:
+    """Check a site's egress log: only model parameters and allowed numbers may have left the site."""
+    result = audit_site_log(log)
+    table = Table("reply type", "count", title=f"Egress audit of {log}")
+    for kind, count in sorted(result.replies.items()):
+        table.add_row(kind, str(count))
+    console.print(table)
+    for line in audit_lines(result):
+        console.print(line, highlight=False)
+    if not result.clean:
+        raise typer.Exit(1)
+
+
+def audit_site_log(log: Path) -> "Audit":
+    """Audit one egress log against every model the project can build; keep the verdict beside the log."""
+    from fedcare.config import MODELS, RunConfig
+    from fedcare.egress import audit
+    from fedcare.model import build_model
+
+    shapes = {name: {k: list(v.shape) for k, v in build_model(RunConfig(model=name)).state_dict().items()}
+              for name in MODELS}
+    result = audit(log, shapes)
+    (log.parent / "egress_audit.txt").write_text("\n".join([f"Egress audit of {log.name}"] + audit_lines(result)) + "\n")
+    return result
+
+
+def audit_lines(result: "Audit") -> list[str]:
+    verdict = ("CLEAN: only model parameters and allowed numbers left the site" if result.clean
+               else f"{len(result.violations)} VIOLATION(S)")
+    return [f"replies: {sum(result.replies.values())} over {len(result.rounds)} rounds; {result.bytes} bytes",
+            f"verdict: {verdict}"] + result.violations
 
 
 @app.command("check-config")
@@ -85,6 +134,10 @@ def privacy_report(
     out.mkdir(parents=True, exist_ok=True)
     for path in write_privacy_report(out, report_from_ledger(ledger, budget)):
         console.print(f"wrote {path}")
+
+
+# Site-side data commands; their modules import the heavy parts only when a command runs.
+
 
 
 def show_run(folder: Path) -> None:

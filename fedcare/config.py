@@ -16,6 +16,7 @@ from fedcare.errors import ConfigError
 
 MODELS = ("small-cnn", "densenet121")
 OPTIMIZERS = ("sgd", "adam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
 
@@ -38,6 +39,12 @@ class RunConfig:
     outputs_dir: str = "outputs"
     round_timeout: float = 600.0
     min_sites: int = 2
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    trim_fraction: float = 0.2
+    max_update_norm_ratio: float = 10.0
+    resume: bool = False
     dp: bool = True
     noise_multiplier: float = 0.0
     target_epsilon: float = 8.0
@@ -75,19 +82,25 @@ class RunConfig:
 
     def _check(self) -> None:
         positive = ("num_server_rounds", "local_epochs", "min_sites", "batch_size", "learning_rate",
+                    "server_learning_rate", "max_update_norm_ratio",
                     "image_size", "round_timeout", "max_grad_norm", "target_epsilon")
         for name in positive:
             if getattr(self, name) <= 0:
                 _fail(name, getattr(self, name), "must be greater than 0")
         if not 0.0 < self.val_fraction < 1.0:
             _fail("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive)")
+        if self.proximal_mu < 0:
+            _fail("proximal_mu", self.proximal_mu, "must be 0 or positive")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            _fail("trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
         if self.noise_multiplier < 0:
             _fail("noise_multiplier", self.noise_multiplier, "must be 0 (derive it) or positive")
         if not 0.0 <= self.target_delta < 1.0:
             _fail("target_delta", self.target_delta, "must be 0 (automatic) or in (0, 1)")
         if self.site_budget_epsilon <= 0:
             _fail("site_budget_epsilon", self.site_budget_epsilon, "must be greater than 0")
-        for name, allowed in (("model", MODELS), ("optimizer", OPTIMIZERS), ("accountant", ACCOUNTANTS),
+        for name, allowed in (("model", MODELS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
+                              ("accountant", ACCOUNTANTS),
                               ("grad_sample_mode", GRAD_SAMPLE_MODES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), "must be one of " + ", ".join(allowed))

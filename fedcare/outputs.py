@@ -6,11 +6,16 @@ Everything is written into a hidden staging folder first and renamed into place 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 METRICS = ("loss", "accuracy", "auc")
 
@@ -67,6 +72,31 @@ def metrics_document(config: dict[str, Any], rounds: dict[int, dict[str, dict[st
             for r in sorted(rounds)
         ],
     }
+
+
+def metrics_plot(document: dict[str, Any]) -> bytes:
+    """metrics.png: validation AUC by round for every site, and the weighted global figure."""
+    figure = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    sites = sorted({site for item in document["rounds"] for site in item["sites"]})
+    for site in sites:
+        points = [(item["round"], item["sites"][site]["auc"]) for item in document["rounds"]
+                  if "auc" in item["sites"].get(site, {})]
+        if points:
+            axes.plot(*zip(*points), marker="o", alpha=0.7, label=site)
+    overall = [(item["round"], item["aggregate"]["auc"]) for item in document["rounds"] if "auc" in item["aggregate"]]
+    if overall:
+        axes.plot(*zip(*overall), marker="s", color="black", linewidth=2.5, label="all sites (weighted)")
+    axes.set_xlabel("round")
+    axes.set_ylabel("validation ROC AUC of the global model")
+    axes.set_ylim(0, 1.02)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small", loc="lower right")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def summary_markdown(document: dict[str, Any], run_id: str, notes: list[str]) -> str:

@@ -24,12 +24,35 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool) -> 
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
 
 
-def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: RunConfig, proximal_mu: float = 0.0) -> torch.optim.Optimizer:
+    """The local optimizer; with `proximal_mu` > 0 each step is followed by FedProx's pull to the global model."""
     # Measured on the demo: SGD with momentum learns reliably from clipped, noised DP gradients,
     # where Adam's per-coordinate scaling amplifies the noise; without DP, Adam converges faster.
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=0.9)
+    if proximal_mu > 0:
+        add_proximal_pull(optimizer, proximal_mu * config.learning_rate)
+    return optimizer
+
+
+def add_proximal_pull(optimizer: torch.optim.Optimizer, strength: float) -> None:
+    """After every step, move each weight `strength` of the way back towards where it started.
+
+    This is the gradient step of FedProx's term mu/2 ||w - w_global||^2, taken on its own rather
+    than through the loss: DP-SGD's per-sample gradients must hold only what the data contributes,
+    and this pull depends on no sample, so it costs no privacy.
+    """
+    anchors = [[p.detach().clone() for p in group["params"]] for group in optimizer.param_groups]
+
+    def pull(opt: torch.optim.Optimizer, *_: object) -> None:
+        with torch.no_grad():
+            for group, starts in zip(opt.param_groups, anchors):
+                for param, start in zip(group["params"], starts):
+                    param.sub_(strength * (param - start))
+
+    optimizer.register_step_post_hook(pull)
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -56,10 +79,11 @@ def train_epochs(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
     return total / max(count, 1)
 
 
-def train_plain(model: nn.Module, dataset: Dataset, config: RunConfig, round_seed: int) -> float:
+def train_plain(model: nn.Module, dataset: Dataset, config: RunConfig, round_seed: int,
+                proximal_mu: float = 0.0) -> float:
     """Ordinary local training, used when the run switches DP off."""
     loader = make_loader(dataset, config.batch_size, round_seed, shuffle=True)
-    return train_epochs(model, loader, make_optimizer(model, config), config.local_epochs)
+    return train_epochs(model, loader, make_optimizer(model, config, proximal_mu), config.local_epochs)
 
 
 @torch.no_grad()

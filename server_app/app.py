@@ -1,5 +1,6 @@
 """The ServerApp: plans the run, sends the global model to every site each round, aggregates
-their updates with FedAvg, and writes the run folder (model, metrics, summary, privacy report).
+their checked updates with the configured strategy, checkpoints every round, and writes the run
+folder (models, metrics, summary, plot, privacy report).
 
 The server never sees a site's data or its ledger: only weights and the numbers sites reply with.
 """
@@ -7,20 +8,21 @@ The server never sees a site's data or its ledger: only weights and the numbers 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
 from fedcare.model import build_model, check_private_trainable
-from fedcare.outputs import RunFolder, metrics_document, summary_markdown
+from fedcare.outputs import RunFolder, metrics_document, metrics_plot, summary_markdown
 from fedcare.privacy.report import write_privacy_report
+from server_app.checkpoint import Checkpoints
 from server_app.privacy_summary import privacy_report_data
-from server_app.recording import recording
+from server_app.strategies import TooFewSites, make_strategy
 
 app = ServerApp()
 log = logging.getLogger("fedcare.server")
@@ -28,38 +30,65 @@ log = logging.getLogger("fedcare.server")
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation for `num-server-rounds` and publish the run folder."""
+    """Run the federation up to `num-server-rounds` and publish the run folder."""
     try:
         config = RunConfig.from_mapping(context.run_config)
         model = build_model(config)
         if config.dp:
             check_private_trainable(model)  # once, before any site spends budget on it
+        strategy = make_strategy(config)
+        checkpoints = Checkpoints(Path(config.outputs_dir) / "checkpoint")
+        initial = ArrayRecord(model.state_dict())
+        if config.resume:
+            initial = checkpoints.restore(strategy, set(model.state_dict()))
+        remaining = config.num_server_rounds - strategy.round_offset
+        if remaining <= 0:
+            raise FedcareError(f"the checkpoint is at round {strategy.round_offset}; set num-server-rounds "
+                               "above it to continue")
     except FedcareError as err:
         log.error("run stopped: %s", err)
         raise SystemExit(2) from None
 
-    strategy = recording(FedAvg)(
-        fraction_train=1.0, fraction_evaluate=1.0,
-        min_train_nodes=config.min_sites, min_evaluate_nodes=config.min_sites,
-        min_available_nodes=config.min_sites,
-    )
-    result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout, train_config=ConfigRecord({"local-epochs": config.local_epochs}),
-    )
+    resumed_from = strategy.round_offset
+    stopped = None
+    try:
+        strategy.start(
+            grid=grid, initial_arrays=initial, num_rounds=remaining, timeout=config.round_timeout,
+            train_config=ConfigRecord({"local-epochs": config.local_epochs}),
+            evaluate_fn=checkpoints.after_round(strategy, config.to_dict()),
+        )
+    except TooFewSites as err:
+        stopped = str(err)
+        log.error("run stopped: %s", err)
 
-    run_id = str(context.run_id)
+    final = publish(str(context.run_id), config, strategy, checkpoints, resumed_from, stopped)
+    log.info("Run folder: %s (global_model.pt, metrics.json, summary.md, privacy_report.*)", final.resolve())
+    if stopped:
+        raise SystemExit(1)
+
+
+def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, resumed_from: int,
+            stopped: str | None) -> Path:
+    """Write every output of the run into its folder, then move the folder into place."""
     folder = RunFolder(Path(config.outputs_dir), run_id)
-    torch.save(result.arrays.to_torch_state_dict(), folder.path("global_model.pt"))
+    torch.save(checkpoints.arrays.to_torch_state_dict(), folder.path("global_model.pt"))
+    if checkpoints.best_path.is_file():
+        shutil.copyfile(checkpoints.best_path, folder.path("best_model.pt"))
     document = metrics_document(config.to_dict(), strategy.log.rounds)
+    document.update(resumed_from_round=resumed_from, stopped=stopped)
     folder.write_json("metrics.json", document)
+    folder.path("metrics.png").write_bytes(metrics_plot(document))
     write_privacy_report(folder.staging, privacy_report_data(strategy.log.privacy, run_id, config.dp))
     notes = [
+        f"Strategy: {config.strategy}; rounds {resumed_from + 1} to {config.num_server_rounds}"
+        + (f" (resumed from the checkpoint at round {resumed_from})" if resumed_from else ""),
         "Differential privacy: " + ("on (DP-SGD on every site); see privacy_report.md" if config.dp
                                     else "OFF: no formal privacy guarantee; see privacy_report.md"),
-        f"Final weighted validation AUC: {document['rounds'][-1]['aggregate'].get('auc', float('nan')):.3f}"
-        if document["rounds"] else "No round completed.",
     ]
-    (folder.path("summary.md")).write_text(summary_markdown(document, run_id, notes))
-    final = folder.publish()
-    log.info("Run folder: %s (global_model.pt, metrics.json, summary.md, privacy_report.*)", final.resolve())
+    if stopped:
+        notes.append(f"STOPPED: {stopped}")
+    if document["rounds"]:
+        notes.append(f"Final weighted validation AUC: {document['rounds'][-1]['aggregate'].get('auc', float('nan')):.3f}"
+                     f"; best model by AUC: best_model.pt (AUC {checkpoints.best_auc:.3f})")
+    folder.path("summary.md").write_text(summary_markdown(document, run_id, notes))
+    return folder.publish()

@@ -1,8 +1,7 @@
-"""What happened at each site in each round: trained, refused (budget), failed, or silent.
+"""What happened at each site in each round: trained, refused (budget), rejected, failed, or silent.
 
-`RecordingStrategy` wraps any Flower Message-API strategy: before the strategy aggregates, it
-files every reply by site and hands on only the real model updates, so a refusal or a failure is
-recorded with its reason and never mistaken for an update.
+The log files every reply by site before the strategy aggregates (see `server_app.strategies`),
+so a refusal or a failure is recorded with its reason and never mistaken for an update.
 """
 
 from __future__ import annotations
@@ -10,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import Message
 
 from fedcare.errors import site_of_error
 
@@ -72,35 +70,11 @@ class RoundLog:
                 entry[f"{stage}_status"], entry[f"{stage}_error"] = "failed", NO_REPLY
         return usable
 
+    def reject(self, server_round: int, msg: Message, reason: str) -> None:
+        entry = self.entry(server_round, self.site_of(msg))
+        entry["train_status"], entry["train_error"] = "rejected", reason
+
     def expect(self, server_round: int, stage: str, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         self.expected[(server_round, stage)] = [m.metadata.dst_node_id for m in messages]
         return messages
-
-
-def recording(strategy_class: type) -> type:
-    """A subclass of `strategy_class` that files each reply in `self.log` before aggregating."""
-
-    class RecordingStrategy(strategy_class):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.log = RoundLog()
-
-        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                            grid: Grid) -> Iterable[Message]:
-            return self.log.expect(server_round, "train", super().configure_train(server_round, arrays, config, grid))
-
-        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                               grid: Grid) -> Iterable[Message]:
-            return self.log.expect(server_round, "evaluate",
-                                   super().configure_evaluate(server_round, arrays, config, grid))
-
-        def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                            ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-            return super().aggregate_train(server_round, self.log.file_replies(server_round, "train", replies))
-
-        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-            return super().aggregate_evaluate(server_round, self.log.file_replies(server_round, "evaluate", replies))
-
-    RecordingStrategy.__name__ = f"Recording{strategy_class.__name__}"
-    return RecordingStrategy

@@ -80,7 +80,8 @@ class PrivateTraining:
 
 
 def private_training(
-    model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History, round_seed: int
+    model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History, round_seed: int,
+    proximal_mu: float = 0.0,
 ) -> PrivateTraining:
     """Wrap model, optimizer and data for DP-SGD, with the accountant resumed from the ledger.
 
@@ -90,7 +91,7 @@ def private_training(
     engine = PrivacyEngine(accountant=plan.accountant)
     engine.accountant.history = list(history)
     private_model, optimizer, loader = engine.make_private(
-        module=model, optimizer=make_optimizer(model, config),
+        module=model, optimizer=make_optimizer(model, config, proximal_mu),
         data_loader=make_loader(dataset, config.batch_size, round_seed, shuffle=False),
         noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
         poisson_sampling=True, grad_sample_mode=grad_sample_mode(config),
@@ -99,10 +100,11 @@ def private_training(
 
 
 def train_private(
-    model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History, round_seed: int
+    model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History, round_seed: int,
+    proximal_mu: float = 0.0,
 ) -> tuple[float, float, int]:
     """Train one round under DP-SGD; returns (mean loss, cumulative epsilon, steps taken)."""
-    private = private_training(model, dataset, config, plan, history, round_seed)
+    private = private_training(model, dataset, config, plan, history, round_seed, proximal_mu)
     loss = train_epochs(private.model, private.loader, private.optimizer, config.local_epochs)
     steps = sum(step for _, _, step in private.engine.accountant.history) - sum(step for _, _, step in history)
     return loss, private.engine.get_epsilon(plan.delta), steps

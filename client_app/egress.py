@@ -1,0 +1,27 @@
+"""A ClientApp mod that writes every reply this site sends into the site's own egress log.
+
+It sits between Flower and the site's handlers, so no reply can leave without its line, and the
+line is on disk before Flower sends the reply.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedcare.config import RunConfig
+from fedcare.egress import append_entry, reply_entry
+from fedcare.errors import FedcareError
+from fedcare.sites import site_from_node_config
+
+
+def egress_log(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    reply = call_next(msg, context)
+    try:
+        config = RunConfig.from_mapping(context.run_config)
+        site = site_from_node_config(context.node_config, config)
+    except FedcareError:
+        return reply  # no state folder to write to; the handler has already answered with the error
+    server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+    append_entry(site.state_path / "egress.jsonl", reply_entry(reply, context.run_id, server_round, config.model))
+    return reply

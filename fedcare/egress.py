@@ -1,0 +1,124 @@
+"""The egress log: one JSON line for every reply a site sent, and the audit that reads it back.
+
+A site's IT and privacy officers get proof of what left the building: array names, shapes, dtypes
+and sizes (never values), every metric with its value, and the privacy numbers. `audit` checks that
+nothing but the model's own parameters, whitelisted numeric metrics and the expected privacy and
+site fields ever left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+
+from fedcare.errors import FedcareError
+
+ALLOWED_METRICS = {"train-loss", "num-examples", "loss", "accuracy", "auc"}
+# Strings a reply may carry: the site's name and the words of its privacy accounting, nothing else.
+ALLOWED_TEXT = {("site", "name"), ("privacy", "accountant"), ("privacy", "delta_rule"), ("privacy", "status")}
+PRIVACY_NUMBERS = {
+    "dp", "sample_rate", "noise_multiplier", "steps", "max_grad_norm", "delta", "budget_epsilon", "epsilon",
+    "epsilon_before", "epsilon_after", "history-noise-multiplier", "history-sample-rate", "history-steps",
+}
+
+
+def reply_entry(reply: Message, run_id: int | str, server_round: int, model: str) -> dict[str, Any]:
+    """Describe what a reply carries, without copying any array's values."""
+    entry: dict[str, Any] = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run": str(run_id),
+        "round": server_round, "type": reply.metadata.message_type, "model": model,
+        "arrays": [], "metrics": {}, "config": {}, "bytes": 0,
+    }
+    if reply.has_error():
+        entry["error"] = str(reply.error.reason)
+        entry["bytes"] = len(entry["error"].encode())
+        return entry
+    for record_name, record in reply.content.array_records.items():
+        for name, array in record.items():
+            entry["arrays"].append({"name": name, "shape": list(array.shape), "dtype": array.dtype,
+                                    "bytes": len(array.data)})
+    for record in reply.content.metric_records.values():
+        entry["metrics"].update(dict(record))
+    for record_name, record in reply.content.config_records.items():
+        entry["config"][record_name] = dict(record)
+    entry["bytes"] = (sum(a["bytes"] for a in entry["arrays"]) + 8 * len(entry["metrics"])
+                      + len(json.dumps(entry["config"]).encode()))
+    return entry
+
+
+def append_entry(log_path: Path, entry: dict[str, Any]) -> None:
+    """Append one line and make it durable before the reply is handed to Flower."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@dataclass
+class Audit:
+    """What an egress log shows: counts, bytes, and every line that breaks the rules."""
+
+    replies: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    rounds: set[tuple[str, int]] = field(default_factory=set)
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.violations
+
+
+def audit(log_path: Path, model_shapes: dict[str, dict[str, list[int]]]) -> Audit:
+    """Check every line of a site's egress log; `model_shapes` maps model name -> {array: shape}."""
+    if not log_path.is_file():
+        raise FedcareError(f"{log_path}: egress log not found; a site's log is <state folder>/egress.jsonl")
+    result = Audit()
+    for number, line in enumerate(log_path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+            result.replies[entry["type"]] = result.replies.get(entry["type"], 0) + 1
+            result.bytes += int(entry["bytes"])
+            result.rounds.add((entry["run"], int(entry["round"])))
+            problems = _entry_problems(entry, model_shapes)
+        except (ValueError, KeyError, TypeError) as err:
+            problems = [f"not a valid egress entry ({type(err).__name__}: {err})"]
+        result.violations += [f"line {number}: {problem}" for problem in problems]
+    return result
+
+
+def _entry_problems(entry: dict[str, Any], model_shapes: dict[str, dict[str, list[int]]]) -> list[str]:
+    problems = []
+    shapes = model_shapes.get(entry["model"])
+    if shapes is None:
+        return [f"unknown model '{entry['model']}'"]
+    for array in entry["arrays"]:
+        if array["name"] not in shapes:
+            problems.append(f"array '{array['name']}' is not a parameter of the model")
+        elif list(array["shape"]) != list(shapes[array["name"]]):
+            problems.append(f"array '{array['name']}' has shape {array['shape']}, the model's is {shapes[array['name']]}")
+    for name, value in entry["metrics"].items():
+        if name not in ALLOWED_METRICS:
+            problems.append(f"metric '{name}' is not on the list of metrics allowed to leave the site")
+        if not _numeric(value):
+            problems.append(f"metric '{name}' is not numeric")
+    for record, values in entry["config"].items():
+        for key, value in values.items():
+            if (record, key) in ALLOWED_TEXT:
+                continue
+            if record != "privacy" or key not in PRIVACY_NUMBERS:
+                problems.append(f"field '{record}.{key}' is not allowed to leave the site")
+            elif not _numeric(value):
+                problems.append(f"field '{record}.{key}' is not numeric")
+    return problems
+
+
+def _numeric(value: Any) -> bool:
+    values = value if isinstance(value, list) else [value]
+    return all(isinstance(v, (int, float)) for v in values)

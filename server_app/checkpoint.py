@@ -1,0 +1,86 @@
+"""Checkpoints of a run on the coordinator's disk, so a stopped run continues where it stopped.
+
+After every round the server saves, atomically, the global model, the strategy's own state (the
+server optimizer's moments for FedAdam), the round reached and the per-site log so far; the best
+model by weighted validation AUC is kept beside it. `resume = true` restores all of it. The sites
+need nothing from here: their ledgers already hold every round they trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedcare.errors import FedcareError
+from fedcare.outputs import weighted_aggregate
+from server_app.recording import RoundLog
+
+# FedOpt strategies (FedAdam) keep the previous global model and the server optimizer's moments.
+STRATEGY_STATE = ("current_arrays", "m_t", "v_t")
+
+
+class Checkpoints:
+    """The checkpoint folder of one coordinator: `checkpoint.pt` and `best_model.pt`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / "checkpoint.pt"
+        self.best_path = self.folder / "best_model.pt"
+        self.arrays: ArrayRecord | None = None
+        self.best_auc = float("-inf")
+
+    def after_round(self, strategy: Any, config: dict[str, Any]) -> Callable[[int, ArrayRecord], MetricRecord | None]:
+        """The `evaluate_fn` Flower calls after every round: save the round, keep the best model."""
+
+        def save(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            this_round = server_round + strategy.round_offset
+            self.arrays = arrays
+            auc = weighted_aggregate(strategy.log.rounds.get(this_round, {})).get("auc")
+            if this_round > 0 and auc is not None and auc > self.best_auc:
+                self.best_auc = auc
+                _save_atomic(arrays.to_torch_state_dict(), self.best_path)
+            _save_atomic({
+                "round": this_round,
+                "arrays": arrays.to_torch_state_dict(),
+                "strategy": {k: getattr(strategy, k) for k in STRATEGY_STATE if hasattr(strategy, k)},
+                "log": dataclasses.asdict(strategy.log),
+                "best_auc": self.best_auc,
+                "config": config,
+            }, self.path)
+            return None
+
+        return save
+
+    def restore(self, strategy: Any, model_keys: set[str]) -> ArrayRecord:
+        """Load the last checkpoint into `strategy`; returns the global model to continue from."""
+        if not self.path.is_file():
+            raise FedcareError(f"{self.path}: no checkpoint to resume from; run once with resume = false")
+        try:
+            saved = torch.load(self.path, weights_only=False)
+        except Exception as err:  # a torn or foreign file: say which, never start from zero silently
+            raise FedcareError(f"{self.path}: unreadable checkpoint ({type(err).__name__}); "
+                               "delete it to start afresh") from None
+        if set(saved["arrays"]) != model_keys:
+            raise FedcareError(f"{self.path}: checkpoint holds another model than the run config builds")
+        strategy.round_offset = saved["round"]
+        strategy.log = RoundLog(**saved["log"])
+        for key, value in saved["strategy"].items():
+            setattr(strategy, key, value)
+        self.best_auc = saved["best_auc"]
+        self.arrays = ArrayRecord(saved["arrays"])
+        return self.arrays
+
+
+def _save_atomic(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        torch.save(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

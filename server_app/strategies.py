@@ -1,0 +1,88 @@
+"""The aggregation strategy named in the run config, wrapped so that the server can be trusted.
+
+`guarded(StrategyClass)` adds, around any Flower Message-API strategy: a per-site log of every
+reply, validation of every update before aggregation, the `min-sites` rule, and a round offset so
+that a resumed run carries on numbering its rounds where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+
+from fedcare.config import RunConfig
+from fedcare.errors import FedcareError
+from server_app.recording import RoundLog
+from server_app.validation import screen_updates
+
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam,
+              "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg}
+
+
+class TooFewSites(FedcareError):
+    """Fewer sites than `min-sites` sent a usable update in a round."""
+
+
+def make_strategy(config: RunConfig) -> Any:
+    """The configured strategy, every site sampled each round, updates weighted by samples."""
+    parameters: dict[str, dict[str, Any]] = {
+        "fedprox": {"proximal_mu": config.proximal_mu},
+        "fedadam": {"eta": config.server_learning_rate},
+        "fedtrimmedavg": {"beta": config.trim_fraction},
+    }
+    return guarded(STRATEGIES[config.strategy])(
+        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=config.min_sites,
+        min_evaluate_nodes=config.min_sites, min_available_nodes=config.min_sites,
+        min_sites=config.min_sites, max_update_norm_ratio=config.max_update_norm_ratio,
+        **parameters.get(config.strategy, {}),
+    )
+
+
+def guarded(strategy_class: type) -> type:
+    """A subclass of `strategy_class` with the per-site log, update checks and round offset."""
+
+    class GuardedStrategy(strategy_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, min_sites: int = 1, max_update_norm_ratio: float = 10.0,
+                     **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.log = RoundLog()
+            self.round_offset = 0
+            self.min_sites = min_sites
+            self.max_update_norm_ratio = max_update_norm_ratio
+            self.global_arrays: ArrayRecord | None = None
+
+        def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                            grid: Grid) -> Iterable[Message]:
+            self.global_arrays = arrays
+            this_round = server_round + self.round_offset
+            return self.log.expect(this_round, "train", super().configure_train(this_round, arrays, config, grid))
+
+        def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                               grid: Grid) -> Iterable[Message]:
+            this_round = server_round + self.round_offset
+            return self.log.expect(this_round, "evaluate",
+                                   super().configure_evaluate(this_round, arrays, config, grid))
+
+        def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                            ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            this_round = server_round + self.round_offset
+            updates = self.log.file_replies(this_round, "train", replies)
+            accepted, rejected = screen_updates(updates, self.global_arrays, self.max_update_norm_ratio)
+            for msg, reason in rejected:
+                self.log.reject(this_round, msg, reason)
+            if len(accepted) < self.min_sites:
+                raise TooFewSites(
+                    f"round {this_round}: {len(accepted)} usable update(s), min-sites is {self.min_sites}; "
+                    "the run stopped at the last completed round and can continue with resume = true"
+                )
+            return super().aggregate_train(this_round, accepted)
+
+        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+            this_round = server_round + self.round_offset
+            return super().aggregate_evaluate(this_round, self.log.file_replies(this_round, "evaluate", replies))
+
+    GuardedStrategy.__name__ = f"Guarded{strategy_class.__name__}"
+    return GuardedStrategy
