@@ -7,6 +7,7 @@ Flower's default ports, say a user's own, would otherwise be reused) and stop it
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -65,6 +66,9 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
     if status != 0 or after is None or after == before:
         raise FedcareError(f"the federated run did not complete (flwr exit status {status}); "
                            f"see {home / 'local-superlink' / 'superlink.log'}")
+    stopped = json.loads((after / "metrics.json").read_text()).get("stopped")
+    if stopped:
+        raise FedcareError(f"the run stopped early: {stopped}; what it did is in {after}")
     return after
 
 

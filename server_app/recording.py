@@ -28,10 +28,17 @@ class RoundLog:
     def site_of(self, msg: Message) -> str:
         node = msg.metadata.src_node_id
         if msg.has_content() and "site" in msg.content:
-            self.names[node] = str(msg.content["site"]["name"])
+            self.learn(node, str(msg.content["site"]["name"]))
         elif msg.has_error() and site_of_error(msg.error.code, str(msg.error.reason)):
-            self.names[node] = site_of_error(msg.error.code, str(msg.error.reason))
+            self.learn(node, site_of_error(msg.error.code, str(msg.error.reason)))
         return self.names.get(node, f"node {node}")
+
+    def learn(self, node: int, name: str) -> None:
+        """Remember a node's site name, and file what it did before it told us under that name."""
+        self.names[node] = name
+        for sites in self.rounds.values():
+            if f"node {node}" in sites:
+                sites.setdefault(name, {}).update(sites.pop(f"node {node}"))
 
     def entry(self, server_round: int, site: str) -> dict[str, Any]:
         return self.rounds.setdefault(server_round, {}).setdefault(site, {})
