@@ -62,13 +62,15 @@ def weighted_aggregate(sites: dict[str, dict[str, Any]]) -> dict[str, float]:
     return {m: sum(s[m] * s["num_examples"] for s in evaluated) / total for m in METRICS} | {"num_examples": total}
 
 
-def metrics_document(config: dict[str, Any], rounds: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """metrics.json: the run config and, per round, every site's outcome and the weighted aggregate."""
+def metrics_document(config: dict[str, Any], rounds: dict[int, dict[str, dict[str, Any]]],
+                     seconds: dict[int, float]) -> dict[str, Any]:
+    """metrics.json: the run config and, per round, every site's outcome, the weighted aggregate and
+    the round's wall time (training and evaluation, framework included)."""
     return {
         "config": config,
         "rounds": [
             {"round": r, "sites": dict(sorted(rounds[r].items())), "aggregate": weighted_aggregate(rounds[r]),
-             "failures": _failures(r, rounds[r])}
+             "failures": _failures(r, rounds[r]), "seconds": seconds.get(r)}
             for r in sorted(rounds)
         ],
     }

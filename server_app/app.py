@@ -74,7 +74,7 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     torch.save(checkpoints.arrays.to_torch_state_dict(), folder.path("global_model.pt"))
     if checkpoints.best_path.is_file():
         shutil.copyfile(checkpoints.best_path, folder.path("best_model.pt"))
-    document = metrics_document(config.to_dict(), strategy.log.rounds)
+    document = metrics_document(config.to_dict(), strategy.log.rounds, strategy.log.seconds)
     document.update(resumed_from_round=resumed_from, stopped=stopped)
     folder.write_json("metrics.json", document)
     folder.path("metrics.png").write_bytes(metrics_plot(document))

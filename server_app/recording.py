@@ -24,6 +24,7 @@ class RoundLog:
     privacy: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
     expected: dict[tuple[int, str], list[int]] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)  # wall time of each round, train and evaluate
 
     def site_of(self, msg: Message) -> str:
         node = msg.metadata.src_node_id

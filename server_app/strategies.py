@@ -7,6 +7,7 @@ that a resumed run carries on numbering its rounds where the checkpoint left off
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -53,11 +54,13 @@ def guarded(strategy_class: type) -> type:
             self.min_sites = min_sites
             self.max_update_norm_ratio = max_update_norm_ratio
             self.global_arrays: ArrayRecord | None = None
+            self.round_started = time.monotonic()
 
         def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                             grid: Grid) -> Iterable[Message]:
             self.global_arrays = arrays
             this_round = server_round + self.round_offset
+            self.round_started = time.monotonic()
             return self.log.expect(this_round, "train", super().configure_train(this_round, arrays, config, grid))
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -82,7 +85,9 @@ def guarded(strategy_class: type) -> type:
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
             this_round = server_round + self.round_offset
-            return super().aggregate_evaluate(this_round, self.log.file_replies(this_round, "evaluate", replies))
+            metrics = super().aggregate_evaluate(this_round, self.log.file_replies(this_round, "evaluate", replies))
+            self.log.seconds[this_round] = time.monotonic() - self.round_started
+            return metrics
 
     GuardedStrategy.__name__ = f"Guarded{strategy_class.__name__}"
     return GuardedStrategy
