@@ -124,8 +124,8 @@ def parse_site_budgets(text: str) -> dict[str, float]:
     return budgets
 
 
-def load_preset(path: Path) -> RunConfig:
-    """Read a preset from configs/ and check it against the defaults, as a run would."""
+def read_preset(path: Path) -> dict[str, Any]:
+    """The keys of a preset in configs/, checked against the defaults as a run would check them."""
     try:
         with open(path, "rb") as handle:
             values = tomllib.load(handle)
@@ -134,9 +134,15 @@ def load_preset(path: Path) -> RunConfig:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
     try:
-        return RunConfig.from_mapping(values)
+        RunConfig.from_mapping(values)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+    return values
+
+
+def load_preset(path: Path) -> RunConfig:
+    """A preset from configs/ as a checked RunConfig."""
+    return RunConfig.from_mapping(read_preset(path))
 
 
 def _coerce(key: str, value: Any, kind: type) -> Any:

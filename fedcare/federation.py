@@ -14,13 +14,12 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from fedcare.config import RunConfig, load_preset
+from fedcare.config import RunConfig, read_preset
 from fedcare.errors import FedcareError
 
 PATH_KEYS = ("data-root", "sites-dir", "outputs-dir")
@@ -30,7 +29,8 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
                    flwr_home: Path | None = None) -> Path:
     """Run one federation of `sites` simulated sites; returns the published run folder."""
     project = project.resolve()
-    values = _preset_values(preset) | dict(overrides or {})
+    # Flower silently drops keys it does not know from a --run-config file: check them here first.
+    values = (read_preset(preset) if preset else {}) | dict(overrides or {})
     config = RunConfig.from_mapping(values)
     # Relative paths mean "inside the project", wherever the SuperLink's processes happen to run.
     for key in PATH_KEYS:
@@ -88,14 +88,6 @@ def stop_local_superlink(home: Path) -> None:
             os.killpg(os.getpgid(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _preset_values(preset: Path | None) -> dict[str, Any]:
-    if preset is None:
-        return {}
-    load_preset(preset)  # stops on an unknown key, which Flower itself would silently drop
-    with open(preset, "rb") as handle:
-        return tomllib.load(handle)
 
 
 def _latest(outputs: Path) -> Path | None:
