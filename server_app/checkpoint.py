@@ -8,7 +8,6 @@ need nothing from here: their ledgers already hold every round they trained.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +21,8 @@ from server_app.recording import RoundLog
 
 # FedOpt strategies (FedAdam) keep the previous global model and the server optimizer's moments.
 STRATEGY_STATE = ("current_arrays", "m_t", "v_t")
+# What the per-site log must carry over; messages in flight belong to the process that sent them.
+LOG_FIELDS = ("rounds", "privacy", "names", "seconds")
 
 
 class Checkpoints:
@@ -48,7 +49,7 @@ class Checkpoints:
                 "round": this_round,
                 "arrays": arrays.to_torch_state_dict(),
                 "strategy": {k: getattr(strategy, k) for k in STRATEGY_STATE if hasattr(strategy, k)},
-                "log": dataclasses.asdict(strategy.log),
+                "log": {name: getattr(strategy.log, name) for name in LOG_FIELDS},
                 "best_auc": self.best_auc,
                 "config": config,
             }, self.path)

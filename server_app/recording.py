@@ -23,11 +23,13 @@ class RoundLog:
     rounds: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     privacy: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
-    expected: dict[tuple[int, str], list[int]] = field(default_factory=dict)
+    expected: dict[tuple[int, str], list[Message]] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)  # wall time of each round, train and evaluate
 
-    def site_of(self, msg: Message) -> str:
-        node = msg.metadata.src_node_id
+    def site_of(self, msg: Message, sent_to: dict[str, int] | None = None) -> str:
+        # The SuperLink answers for a site that went away with an error from itself; the message it
+        # replies to tells which site that was.
+        node = (sent_to or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
         if msg.has_content() and "site" in msg.content:
             self.learn(node, str(msg.content["site"]["name"]))
         elif msg.has_error() and site_of_error(msg.error.code, str(msg.error.reason)):
@@ -46,10 +48,12 @@ class RoundLog:
 
     def file_replies(self, server_round: int, stage: str, replies: Iterable[Message]) -> list[Message]:
         """Record every reply of a train or evaluate stage; return those that carry results."""
+        expected = self.expected.pop((server_round, stage), [])
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in expected}
         answered, usable = set(), []
         for msg in replies:
-            site = self.site_of(msg)
-            answered.add(msg.metadata.src_node_id)
+            site = self.site_of(msg, sent_to)
+            answered.add(sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
             entry = self.entry(server_round, site)
             if msg.has_error():
                 entry[f"{stage}_status"] = "failed"
@@ -72,7 +76,7 @@ class RoundLog:
                 entry.update(loss=metrics["loss"], accuracy=metrics["accuracy"], auc=metrics["auc"],
                              num_examples=int(metrics["num-examples"]))
             usable.append(msg)
-        for node in self.expected.pop((server_round, stage), []):
+        for node in (m.metadata.dst_node_id for m in expected):
             if node not in answered:
                 entry = self.entry(server_round, self.names.get(node, f"node {node}"))
                 entry[f"{stage}_status"], entry[f"{stage}_error"] = "failed", NO_REPLY
@@ -83,6 +87,7 @@ class RoundLog:
         entry["train_status"], entry["train_error"] = "rejected", reason
 
     def expect(self, server_round: int, stage: str, messages: Iterable[Message]) -> list[Message]:
+        # Flower sets each message's id in place when it sends it, so keep the messages themselves.
         messages = list(messages)
-        self.expected[(server_round, stage)] = [m.metadata.dst_node_id for m in messages]
+        self.expected[(server_round, stage)] = messages
         return messages
