@@ -44,7 +44,12 @@ def start(msg: Message, context: Context) -> Work:
     """Resolve the site, read its data and load the global model the server sent."""
     config = RunConfig.from_mapping(context.run_config)
     site = site_from_node_config(context.node_config, config)
-    data = site_datasets(Path(site.data_path), config.val_fraction, config.seed, config.image_size)
+    data = site_datasets(
+        Path(site.data_path), config.val_fraction, config.seed, config.image_size, window=config.window,
+        input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
+        data_format=config.data_format,
+        cache_dir=(site.state_path / config.cache_dir) if config.cache_dir else None,
+    )
     model = build_model(config)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return Work(config, site, data, model, int(msg.content["config"]["server-round"]))

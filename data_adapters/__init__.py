@@ -1,5 +1,6 @@
-"""Site data for fedcare: read a hospital's DICOM folder and label manifest into MONAI datasets,
-and write synthetic multi-site CT demo data with realistic scanner differences.
+"""Site data for fedcare: index and decode a hospital's DICOM (or NIfTI) folder, join its label
+manifest, cache the preprocessed arrays, check the site's readiness, and write synthetic multi-site
+CT demo data with realistic scanner differences.
 
 Everything here runs on the site; image contents, UIDs and header strings never leave it.
 """
@@ -10,14 +11,35 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .cache import DecodeCache, clear_cache
     from .dataset import SiteDatasets, cached_site_images, image_transform, site_datasets, split_indices
     from .demo_data import DEFAULT_CASES, write_demo_sites
-    from .dicom import SiteImages, read_site
-    from .labels import read_labels
+    from .dicom import SiteImages, load_site, read_site
+    from .index import SiteIndex, index_site
+    from .labels import read_labels, read_manifest
+    from .nifti import load_nifti_site
+    from .readiness import check_site
+    from .seg import label_volume, read_segmentation
+    from .transforms import WINDOW_PRESETS, Preprocess
+    from .volumes import plan_volume, stack_volume
 
 # Imported on first use: `fedcare demo-data` should not pay for loading torch and MONAI.
 _HOME = {
     "DEFAULT_CASES": "demo_data",
+    "DecodeCache": "cache",
+    "Preprocess": "transforms",
+    "SiteIndex": "index",
+    "WINDOW_PRESETS": "transforms",
+    "check_site": "readiness",
+    "clear_cache": "cache",
+    "index_site": "index",
+    "label_volume": "seg",
+    "load_nifti_site": "nifti",
+    "load_site": "dicom",
+    "plan_volume": "volumes",
+    "read_manifest": "labels",
+    "read_segmentation": "seg",
+    "stack_volume": "volumes",
     "SiteDatasets": "dataset",
     "SiteImages": "dicom",
     "cached_site_images": "dataset",

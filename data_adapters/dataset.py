@@ -1,9 +1,10 @@
 """Turn a site's DICOM folder into train/validation MONAI datasets for one federated client.
 
 Items are `(image, label)` tuples, not dicts: Opacus' Poisson sampling can draw an empty batch,
-and only tuple items collate into one. Decoded images are cached per folder so that a client
-called once per round does not re-read its DICOM files; the cache key changes whenever a file
-or the label manifest changes.
+and only tuple items collate into one. Images are windowed and resized once, when decoded; the
+result is kept in memory per folder and settings, so a client called once per round does not
+re-read its DICOM files (the key changes whenever a file or the label manifest changes), and
+optionally on disk (`cache_dir`), so a new process does not decode them again either.
 """
 
 from __future__ import annotations
@@ -19,25 +20,32 @@ from monai.transforms import Compose, EnsureChannelFirst, EnsureType, Resize, Sc
 
 from fedcare.errors import SiteDataError
 
-from .dicom import SiteImages, read_site
+from .dicom import SiteImages, load_site, manifest_for, read_site, require_folder
 from .labels import LABELS_FILENAME
+from .nifti import load_nifti_site, nifti_manifest
+from .transforms import Preprocess, Window
 
 __all__ = ["SiteDatasets", "cached_site_images", "image_transform", "site_datasets", "split_indices"]
 
-# A few sites per process at most (simulation); one entry per folder, replaced when it changes.
-_CACHE: dict[Path, tuple[tuple[int, int, int], SiteImages]] = {}
+# A few sites per process at most (simulation); one entry per folder and settings, replaced when it changes.
+_CACHE: dict[tuple, tuple[tuple[int, int, int], SiteImages]] = {}
 _CACHE_LIMIT = 16
 
 
-def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    labels: np.ndarray, val_fraction: float, seed: int, groups: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split of sample indices into (train, validation), both sorted.
 
     Each class sends round(n * val_fraction) of its n cases to validation, but at least one
     and never all of them when it has two or more, so validation sees every class and training
-    keeps every class.
+    keeps every class. With `groups` (e.g. the frames of one multi-frame instance, or the images
+    of one labelled series), whole groups are split, so no case is in both.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise SiteDataError(f"val-fraction must be in [0, 1), got {val_fraction}: choose e.g. 0.2")
+    if groups is not None:
+        return _split_groups(np.asarray(labels), val_fraction, seed, groups)
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     train, val = [], []
@@ -51,6 +59,16 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
         val.append(members[:n_val])
         train.append(members[n_val:])
     return _sorted_index(train), _sorted_index(val)
+
+
+def _split_groups(labels: np.ndarray, val_fraction: float, seed: int, groups: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    # Groups in order of first appearance: with one sample per group this is the plain split.
+    first: dict[str, int] = {}
+    member = np.array([first.setdefault(g, len(first)) for g in groups], dtype=np.int64)
+    group_labels = np.zeros(len(first), dtype=labels.dtype)
+    group_labels[member] = labels
+    train_groups, val_groups = split_indices(group_labels, val_fraction, seed)
+    return np.flatnonzero(np.isin(member, train_groups)), np.flatnonzero(np.isin(member, val_groups))
 
 
 def _sorted_index(parts: list[np.ndarray]) -> np.ndarray:
@@ -72,31 +90,39 @@ def _stamp(folder: Path, manifest: Path) -> tuple[int, int, int]:
     return latest, count, manifest_mtime
 
 
-def cached_site_images(folder: Path) -> SiteImages:
-    """`read_site(folder)`, decoded once per process while the folder and its labels.csv are unchanged."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return read_site(folder)  # raises the usual one-line error
-    key = folder.resolve()
-    stamp = _stamp(key, key / LABELS_FILENAME)
+def _memoised(key: tuple, folder: Path, manifest: Path, build) -> SiteImages:
+    """`build()`, kept per process while the folder and its manifest are unchanged."""
+    stamp = _stamp(folder, manifest)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    site = read_site(folder)
+    site = build()
     if len(_CACHE) >= _CACHE_LIMIT and key not in _CACHE:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = (stamp, site)
     return site
 
 
-class _Samples:
-    """Maps a sample index to `(image[1,H,W] float32 tensor, label)`; picklable for DataLoader workers."""
+def cached_site_images(folder: Path) -> SiteImages:
+    """`read_site(folder)`, decoded once per process while the folder and its labels.csv are unchanged."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return read_site(folder)  # raises the usual one-line error
+    key = folder.resolve()
+    return _memoised((key, "hu"), key, key / LABELS_FILENAME, lambda: read_site(folder))
 
-    def __init__(self, images: list[np.ndarray], labels: np.ndarray, transform: Compose) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
+
+class _Samples:
+    """Maps a sample index to `(image[1, ...] float32 tensor, label)`; picklable for DataLoader workers."""
+
+    def __init__(self, images: list[np.ndarray], labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
 
     def __call__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index]), int(self.labels[index])
+        # A copy: cached images may be read-only memory maps. A plain tensor (no MetaTensor) is
+        # lighter to collate and what Opacus expects.
+        image = torch.from_numpy(np.array(self.images[index], dtype=np.float32))
+        return image[None], int(self.labels[index])
 
 
 @dataclass
@@ -110,6 +136,7 @@ class SiteDatasets:
     skipped: int
     unlabelled: int
     class_counts: dict[int, int] = field(default_factory=dict)
+    excluded: int = 0  # 3D series left out for irregular geometry
 
 
 def image_transform(image_size: int, window: tuple[float, float]) -> Compose:
@@ -133,14 +160,41 @@ def site_datasets(
     val_fraction: float = 0.2,
     seed: int = 42,
     image_size: int = 64,
-    window: tuple[float, float] = (-200.0, 300.0),
+    window: Window = (-200.0, 300.0),
+    *,
+    input_mode: str = "2d",
+    label_key: str | None = None,
+    labels_csv: Path | None = None,
+    irregular: str = "exclude",
+    cache_dir: Path | None = None,
+    data_format: str = "dicom",
 ) -> SiteDatasets:
-    """Read (or reuse) a site's images and split them into train/validation MONAI datasets."""
-    if image_size < 8:
-        raise SiteDataError(f"image-size must be at least 8 pixels, got {image_size}")
-    site = cached_site_images(folder)
-    train_idx, val_idx = split_indices(site.labels, val_fraction, seed)
-    samples = _Samples(site.images, site.labels, image_transform(image_size, window))
+    """Read (or reuse) a site's images and split them into train/validation MONAI datasets.
+
+    `window` is (low, high), a preset name or 'minmax'; `input_mode` '2d' makes each image or
+    frame a sample, '3d' each series a volume (irregular series excluded or resampled, per
+    `irregular`); `cache_dir` keeps the preprocessed arrays on disk for the next process;
+    `data_format` 'nifti' reads converted .nii/.nii.gz volumes instead of DICOM.
+    """
+    folder = require_folder(folder)
+    preprocess = Preprocess(window=window, image_size=image_size, volume=input_mode == "3d")
+    manifest_path = Path(labels_csv) if labels_csv is not None else folder / LABELS_FILENAME
+    key = (folder.resolve(), manifest_path.resolve(), label_key, input_mode, irregular, preprocess.fingerprint,
+           str(cache_dir), data_format)
+
+    def build() -> SiteImages:
+        if data_format == "nifti":
+            return load_nifti_site(folder, nifti_manifest(folder, manifest_path), input_mode=input_mode,
+                                   preprocess=preprocess, cache_dir=cache_dir)
+        if data_format != "dicom":
+            raise SiteDataError(f"data-format {data_format!r} must be 'dicom' or 'nifti'")
+        manifest = manifest_for(folder, manifest_path, label_key)
+        return load_site(folder, manifest, input_mode=input_mode, irregular=irregular,
+                         preprocess=preprocess, cache_dir=cache_dir)
+
+    site = _memoised(key, folder.resolve(), manifest_path, build)
+    train_idx, val_idx = split_indices(site.labels, val_fraction, seed, site.groups)
+    samples = _Samples(site.images, site.labels)
     # MONAI's Dataset applies `transform` to each data item: here the item is a sample index.
     classes, counts = np.unique(site.labels, return_counts=True)
     return SiteDatasets(
@@ -151,4 +205,6 @@ def site_datasets(
         skipped=len(site.skipped),
         unlabelled=site.unlabelled,
         class_counts={int(c): int(n) for c, n in zip(classes, counts)},
+        excluded=len(site.excluded),
     )
+

@@ -1,217 +1,269 @@
-"""Read one site's DICOM folder into 2D Hounsfield-unit images joined to their labels.
+"""Read a site's DICOM folder into labelled samples: 2D images or frames, or 3D series volumes.
 
-Files are found by content, not by name: every file under the folder is tried with pydicom.
-Files that are not DICOM or cannot be decoded are skipped and counted with a reason, never fatal.
-Header strings (names, IDs, dates) are patient data: nothing here logs or prints them, and
-pydicom's own warnings, which can quote element values, are silenced while reading.
+The folder is indexed from headers (see index.py), the label manifest joined by its key column,
+and only labelled images are decoded. In 2D mode a file that is not yet indexed is read once for
+both its header and its pixels (reader.py). In 3D mode the index comes first, then each series is
+planned (volumes.py) and decoded. With a cache folder, preprocessed arrays are kept on disk keyed
+by file content and settings, and a later round reads no DICOM at all. Header strings (names,
+IDs, dates) are patient data: nothing here logs or prints them, and pydicom's warnings, which can
+quote values, are silenced.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from fedcare.errors import SiteDataError
 
-from .labels import LABELS_FILENAME, read_labels
+from .cache import DecodeCache, sample_key
+from .headers import InstanceHeader, Unusable, read_header
+from .index import DUPLICATE, SiteIndex, index_site
+from .labels import LABELS_FILENAME, Manifest, read_manifest
+from .reader import SiteReader
+from .transforms import Preprocess
+from .volumes import IRREGULAR_CHOICES, VolumePlan, plan_volume, series_slices, stack_volume
 
-__all__ = ["SiteImages", "read_site"]
+__all__ = ["SiteImages", "read_site", "load_site", "INPUT_MODES", "manifest_for", "require_folder"]
 
-NOT_DICOM = "not a DICOM file"
-UNREADABLE = "unreadable DICOM (truncated or corrupt)"
-CANNOT_OPEN = "cannot open file (permissions or I/O error)"
-NO_PIXELS = "no pixel data"
-NO_UID = "no SOPInstanceUID"
-MULTI_FRAME = "multi-frame (not supported in 2D classification)"
-NOT_GRAYSCALE = "not a grayscale image (only single-sample images are supported)"
-DUPLICATE = "duplicate SOPInstanceUID (the same instance is stored twice)"
-_MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
-# Preamble-less DICOM (older exports) usually starts with a group 0x0008 or 0x0002 element.
-_RAW_DICOM_STARTS = (b"\x08\x00", b"\x02\x00")
-_RAW_SYNTAX = {
-    (True, True): ImplicitVRLittleEndian,
-    (False, True): ExplicitVRLittleEndian,
-    (False, False): ExplicitVRBigEndian,
+INPUT_MODES = ("2d", "3d")
+# Segmentations are masks made from other images, not images to classify.
+_MASK_MODALITIES = ("SEG", "RTSTRUCT")
+_KEY_ATTRIBUTE = {
+    "SOPInstanceUID": "sop_uid", "SeriesInstanceUID": "series_uid",
+    "StudyInstanceUID": "study_uid", "AccessionNumber": "accession",
 }
 
 
 @dataclass
 class SiteImages:
-    """A site's labelled images. `uids` stay on the site: never log or send them."""
+    """A site's labelled samples. `uids`, `groups` and paths stay on the site: never log or send them."""
 
     images: list[np.ndarray] = field(default_factory=list)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    uids: list[str] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    uids: list[str] = field(default_factory=list)  # SOPInstanceUID (2D) or SeriesInstanceUID (3D)
+    groups: list[str] = field(default_factory=list)  # the manifest key each sample was labelled by
+    spacings: list[tuple[float, ...]] = field(default_factory=list)  # mm per axis of each sample
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # files left out, with reasons
+    failures: list[tuple[str, str]] = field(default_factory=list)  # indexed files whose pixels failed to decode
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # 3D series left out (first file, reason)
     unlabelled: int = 0
+    readable: dict[str, int] = field(default_factory=dict)  # decoded file -> frames
+    matched: set[str] = field(default_factory=set)  # manifest key values that found their images
+    missing: list[str] = field(default_factory=list)  # manifest key values with no readable image
+    index: SiteIndex | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
 
-class _Skip(Exception):
-    """A file that is left out, with the reason shown to the site operator."""
+def _key_value(header: InstanceHeader, manifest: Manifest | None) -> str:
+    return getattr(header, _KEY_ATTRIBUTE[manifest.key]) if manifest is not None else header.sop_uid
 
 
-def _dcmread(path: Path) -> Dataset:
-    try:
-        return pydicom.dcmread(path)
-    except OSError:
-        raise _Skip(CANNOT_OPEN) from None
-    except pydicom.errors.InvalidDicomError:
-        with open(path, "rb") as fh:
-            if fh.read(2) not in _RAW_DICOM_STARTS:
-                raise _Skip(NOT_DICOM) from None
+def _label(header: InstanceHeader, manifest: Manifest | None) -> int | None:
+    return manifest.labels.get(_key_value(header, manifest)) if manifest is not None else None
+
+
+def _is_image(header: InstanceHeader) -> bool:
+    return header.modality not in _MASK_MODALITIES
+
+
+def _load_2d(site: SiteImages, site_reader: SiteReader, manifest: Manifest | None, decode_all: bool) -> None:
+    labels = []
+    if decode_all:
+        # Counted as readable, never trained on twice.
+        site.readable.update((h.path, len(f)) for h in site.index.duplicates  # type: ignore[union-attr]
+                             if (f := site_reader.frames(h)) is not None)
+    for header in site.index.instances:  # type: ignore[union-attr]
+        label = _label(header, manifest) if _is_image(header) else None
+        if label is None and not decode_all:
+            site.unlabelled += header.frames if _is_image(header) else 0
+            continue
+        frames = site_reader.frames(header)
+        if frames is None:
+            continue
+        site.readable[header.path] = len(frames)
+        if label is None:
+            site.unlabelled += len(frames) if _is_image(header) else 0
+            continue
+        spacing = header.pixel_spacing or (1.0, 1.0)
+        site.matched.add(_key_value(header, manifest))
+        for frame in frames:
+            site.images.append(frame)
+            site.uids.append(header.sop_uid)
+            site.groups.append(_key_value(header, manifest))
+            site.spacings.append(spacing)
+            labels.append(label)
+    site.labels = np.asarray(labels, dtype=np.int64)
+
+
+def _series_label(members: list[InstanceHeader], manifest: Manifest | None) -> tuple[str, int | None]:
+    """A volume's (group, label): every labelled member must agree."""
+    found = {(_key_value(h, manifest), _label(h, manifest)) for h in members if _label(h, manifest) is not None}
+    labels = {label for _, label in found}
+    if len(labels) > 1:
+        rows = manifest.describe(sorted(key for key, _ in found)) if manifest else ""
+        raise SiteDataError(
+            f"label manifest {manifest.path if manifest else ''}: one series holds images labelled "
+            f"{sorted(labels)} ({rows}); in 3D mode label whole series, or use input-mode 2d"
+        )
+    group = members[0].series_uid if manifest is None or manifest.key == "SOPInstanceUID" else _key_value(members[0], manifest)
+    return group, (labels.pop() if labels else None)
+
+
+def _load_3d(site: SiteImages, site_reader: SiteReader, manifest: Manifest | None, irregular: str, decode_all: bool) -> None:
+    labels = []
+    for members in site.index.series().values():  # type: ignore[union-attr]
+        if not any(_is_image(h) for h in members):
+            continue
+        group, label = _series_label(members, manifest)
+        if label is None and not decode_all:
+            site.unlabelled += 1
+            continue
+        # Rows of an excluded series are accounted for: left out by the site's choice, not missing.
+        site.matched.update(_key_value(h, manifest) for h in members)
+        plan = plan_volume(series_slices(members), members[0].pixel_spacing, members[0].slice_thickness)
+        if not plan.regular and (irregular == "exclude" or not plan.resamplable):
+            site.excluded.append((members[0].path, "; ".join(plan.problems)))
+            continue
+        volume = _volume(site_reader, members, plan)
+        if volume is None:
+            continue
+        site.readable.update((h.path, h.frames) for h in members)
+        if label is None:
+            site.unlabelled += 1
+            continue
+        site.images.append(volume)
+        site.uids.append(members[0].series_uid)
+        site.groups.append(group)
+        site.spacings.append(plan.spacing)
+        labels.append(label)
+    site.labels = np.asarray(labels, dtype=np.int64)
+
+
+def _volume(site_reader: SiteReader, members: list[InstanceHeader], plan: VolumePlan) -> np.ndarray | None:
+    """Decode, stack (resampling an irregular plan) and preprocess one series; cached as one sample."""
+    digests = [site_reader.known_digest(h) for h in members]
+    cacheable = site_reader.cache is not None and site_reader.preprocess is not None
+    if cacheable and all(digests):
+        hit = site_reader.cache.get(_volume_key(digests, plan, site_reader.preprocess))  # type: ignore[union-attr, arg-type]
+        if hit is not None:
+            return hit
+    decoded: dict[str, np.ndarray] = {}
+    for header in members:
         try:
-            ds = pydicom.dcmread(path, force=True)
-            _ = ds.SOPInstanceUID, ds.Rows  # a forced parse of junk rarely survives this
-            if "TransferSyntaxUID" not in ds.file_meta:
-                # Without file meta the pixel decoder needs the encoding the parser detected.
-                implicit_vr, little_endian = ds.original_encoding
-                ds.file_meta.TransferSyntaxUID = _RAW_SYNTAX[(implicit_vr, little_endian)]
-            return ds
-        except Exception:
-            raise _Skip(NOT_DICOM) from None
-    except Exception:
-        raise _Skip(UNREADABLE) from None
-
-
-def _rescale(ds: Dataset) -> tuple[float, float] | None:
-    """(slope, intercept) from the image or, for enhanced objects, its functional groups."""
-    candidates = [ds]
-    for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        for item in ds.get(group) or []:
-            candidates.extend(item.get("PixelValueTransformationSequence") or [])
-            break  # one frame only: multi-frame objects are skipped anyway
-    for item in candidates:
-        if "RescaleSlope" in item and "RescaleIntercept" in item:
-            return float(item.RescaleSlope), float(item.RescaleIntercept)
-    return None
-
-
-def _to_hu(ds: Dataset) -> np.ndarray:
-    """Decode the pixels and map stored values to physical units (HU for CT) as float32."""
-    raw = ds.pixel_array
-    rescale = _rescale(ds)
-    if rescale is not None:
-        slope, intercept = rescale
-        return raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
-
-
-def _check_header(ds: Dataset) -> str | None:
-    """The instance's SOPInstanceUID, or None for a DICOMDIR index stored under another name."""
-    meta = getattr(ds, "file_meta", None)
-    media_class = meta.get("MediaStorageSOPClassUID") if meta is not None else None
-    if media_class == _MEDIA_DIRECTORY or "DirectoryRecordSequence" in ds:
-        return None
-    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise _Skip(NO_PIXELS)
-    uid = str(ds.get("SOPInstanceUID", "") or "").strip()
-    if not uid:
-        raise _Skip(NO_UID)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise _Skip(MULTI_FRAME)
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise _Skip(NOT_GRAYSCALE)
-    return uid
-
-
-def _load(path: Path) -> tuple[str, np.ndarray] | None:
-    """(SOPInstanceUID, HU image) for a usable file, None for files to ignore silently."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = _dcmread(path)
-        try:
-            uid = _check_header(ds)
-        except _Skip:
-            raise
-        except Exception:
-            raise _Skip(UNREADABLE) from None
-        if uid is None:
+            raw, _ = site_reader.read(header.path)
+            decoded[header.path] = site_reader.decode(raw)
+        except Unusable as reason:
+            site_reader.failures[header.path] = str(reason)
             return None
-        try:
-            image = _to_hu(ds)
-        except Exception as exc:
-            # Decoder messages describe the pixel format (and missing plugins), not the patient.
-            detail = (str(exc).splitlines() or [""])[0][:160]
-            raise _Skip(f"cannot decode pixel data: {type(exc).__name__}: {detail}") from None
-    if image.ndim != 2:
-        raise _Skip(NOT_GRAYSCALE)
-    return uid, image
+    volume, _ = stack_volume([decoded[s.path][s.frame] for s in plan.slices], plan)
+    prepared = site_reader.preprocess(volume) if site_reader.preprocess is not None else volume
+    if cacheable:
+        digests = [site_reader.digests[h.path][2] for h in members]
+        site_reader.pending[_volume_key(digests, plan, site_reader.preprocess)] = prepared  # type: ignore[arg-type]
+    return prepared
 
 
-def _candidate_files(folder: Path, manifest: Path) -> list[Path]:
-    skip = {manifest.resolve()}
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()  # deterministic order, so the same folder gives the same split
-        for name in sorted(files):
-            path = Path(root, name)
-            if name.upper() == "DICOMDIR" or name == LABELS_FILENAME or path.resolve() in skip:
-                continue
-            found.append(path)
-    return found
+def _volume_key(digests: list[str], plan: VolumePlan, preprocess: Preprocess) -> str:
+    # The plan's problems are part of the key: a resampled volume differs from a plain stack.
+    return sample_key(sorted(digests) + [repr(plan.problems)], preprocess.fingerprint)
 
 
-def read_site(folder: Path, labels_csv: Path | None = None) -> SiteImages:
-    """Read every DICOM image under `folder` and join it to `labels_csv` (default folder/labels.csv).
-
-    Unlabelled instances are excluded and counted; unreadable files are skipped and listed with
-    a reason. A labelled instance with no readable file is an error, because training on a
-    silently shrunken site would hide a broken export.
-    """
+def require_folder(folder: Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         state = "is not a folder" if folder.exists() else "does not exist"
         raise SiteDataError(f"data folder {folder} {state}: point the site at the folder that holds its DICOM files")
-    manifest = Path(labels_csv) if labels_csv is not None else folder / LABELS_FILENAME
-    wanted = read_labels(manifest)
+    return folder
 
-    site = SiteImages()
-    labels: list[int] = []
-    seen: set[str] = set()
-    for path in _candidate_files(folder, manifest):
-        relative = str(path.relative_to(folder))
-        try:
-            loaded = _load(path)
-        except _Skip as skip:
-            site.skipped.append((relative, str(skip)))
-            continue
-        if loaded is None:
-            continue
-        uid, image = loaded
-        if uid in seen:
-            site.skipped.append((relative, DUPLICATE))
-            continue
-        seen.add(uid)
-        if uid not in wanted:
-            site.unlabelled += 1
-        else:
-            site.uids.append(uid)
-            site.images.append(image)
-            labels.append(wanted[uid])
 
-    if not seen:
+def manifest_for(folder: Path, labels_csv: Path | None, label_key: str | None) -> Manifest:
+    """The site's manifest: `labels_csv`, or labels.csv in the folder."""
+    return read_manifest(Path(labels_csv) if labels_csv is not None else Path(folder) / LABELS_FILENAME, key=label_key)
+
+
+def load_site(
+    folder: Path,
+    manifest: Manifest | None,
+    *,
+    input_mode: str = "2d",
+    irregular: str = "exclude",
+    preprocess: Preprocess | None = None,
+    cache_dir: Path | None = None,
+    decode_all: bool = False,
+    strict: bool = True,
+) -> SiteImages:
+    """Index, decode and label a site folder. `decode_all` also decodes unlabelled images (to count them).
+
+    Without a manifest every image is unlabelled. With `strict`, raises SiteDataError for a folder
+    without any DICOM image and for manifest rows that match no readable image; otherwise those
+    rows are listed in `missing`.
+    """
+    folder = Path(folder)
+    if input_mode not in INPUT_MODES:
+        raise SiteDataError(f"input-mode {input_mode!r} must be one of {', '.join(INPUT_MODES)}")
+    if irregular not in IRREGULAR_CHOICES:
+        raise SiteDataError(f"irregular-series {irregular!r} must be one of {', '.join(IRREGULAR_CHOICES)}")
+    cache = DecodeCache(cache_dir) if cache_dir is not None else None
+    site_reader = SiteReader(folder, preprocess, cache)
+    exclude = (manifest.path,) if manifest is not None else ()
+    if input_mode == "2d":
+        def wanted(header: InstanceHeader) -> bool:
+            return decode_all or _label(header, manifest) is not None
+
+        index = index_site(folder, exclude, cache_dir, reader=lambda path, rel: site_reader.scan(path, rel, wanted))
+    else:
+        index = index_site(folder, exclude, cache_dir, reader=read_header)
+    site = SiteImages(index=index)
+    if input_mode == "2d":
+        _load_2d(site, site_reader, manifest, decode_all)
+    else:
+        _load_3d(site, site_reader, manifest, irregular, decode_all)
+    site_reader.finish()
+    site.failures = sorted(site_reader.failures.items())
+    # A copy that cannot be decoded is reported as unreadable, not as a duplicate.
+    copies = [(h.path, DUPLICATE) for h in index.duplicates if h.path not in site_reader.failures]
+    site.skipped = index.skipped + copies + site.failures
+    if manifest is not None:
+        site.missing = [value for value in manifest.labels if value not in site.matched]
+    if strict:
+        _check_complete(site, folder, manifest)
+    return site
+
+
+def _check_complete(site: SiteImages, folder: Path, manifest: Manifest | None) -> None:
+    if not any(_is_image(h) for h in site.index.instances) and not site.readable:  # type: ignore[union-attr]
         raise SiteDataError(
             f"data folder {folder} holds no readable DICOM images ({len(site.skipped)} file(s) skipped): "
             "copy the site's DICOM export into it"
         )
-    found = set(site.uids)
-    missing = [uid for uid in wanted if uid not in found]
-    if missing:
+    if site.missing and manifest is not None:
+        # A silently shrunken site would hide a broken export: name the rows so they can be fixed.
         raise SiteDataError(
-            f"{len(missing)} labelled SOPInstanceUID(s) in {manifest} have no readable DICOM file under {folder} "
-            f"(first: {missing[0]}; {len(site.skipped)} file(s) were skipped as unreadable): "
-            "restore those files or remove their rows from the manifest"
+            f"{len(site.missing)} labelled {manifest.key} value(s) in {manifest.path} have no readable DICOM image "
+            f"under {folder} ({manifest.describe(site.missing)}; {len(site.skipped)} file(s) were skipped as "
+            "unreadable): restore those files or remove their rows from the manifest"
         )
-    site.labels = np.asarray(labels, dtype=np.int64)
-    return site
+
+
+def read_site(
+    folder: Path,
+    labels_csv: Path | None = None,
+    *,
+    label_key: str | None = None,
+    input_mode: str = "2d",
+    irregular: str = "exclude",
+) -> SiteImages:
+    """Every labelled DICOM image under `folder` in physical units (HU for CT), joined to its label.
+
+    The manifest is `labels_csv` (default folder/labels.csv), keyed by `label_key` or the column it
+    holds. Unlabelled images are excluded and counted; unreadable files are listed with a reason.
+    A manifest row with no readable image is an error.
+    """
+    folder = require_folder(folder)
+    manifest = manifest_for(folder, labels_csv, label_key)
+    return load_site(folder, manifest, input_mode=input_mode, irregular=irregular)

@@ -1,23 +1,53 @@
-"""Read a site's label manifest: a CSV with columns SOPInstanceUID and label (one row per image).
+"""Read a site's label manifest: a CSV with a key column and a `label` column, one row per case.
 
-Labels are joined to DICOM files by SOPInstanceUID, never by file name, because archive exports
-rename files freely. Every problem is reported as one SiteDataError line naming the file, the
-row where relevant, and what to change.
+The key says what a row labels: one instance (SOPInstanceUID), a whole series (SeriesInstanceUID),
+a study (StudyInstanceUID or AccessionNumber), or, for NIfTI sites, an image file. The key column
+is detected from the header (the most specific one present wins) or set by `label-key`. Labels
+are joined by key, never by file name of a DICOM, because archive exports rename files freely.
+Every problem is one SiteDataError line naming the file, the row where relevant, and the fix.
 """
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcare.errors import SiteDataError
 
-__all__ = ["read_labels", "LABELS_FILENAME", "UID_COLUMN", "LABEL_COLUMN"]
+__all__ = ["read_labels", "read_manifest", "Manifest", "LABELS_FILENAME", "UID_COLUMN", "LABEL_COLUMN",
+           "DICOM_KEYS", "FILE_KEYS"]
 
 LABELS_FILENAME = "labels.csv"
 UID_COLUMN = "SOPInstanceUID"
 LABEL_COLUMN = "label"
-_EXPECTED = f"a CSV with header '{UID_COLUMN},{LABEL_COLUMN}' and one row per DICOM instance"
+# Most specific first: when a manifest carries several, a row labels the smallest unit it names.
+DICOM_KEYS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber")
+FILE_KEYS = ("image", "filename", "file", "path")
+
+
+@dataclass
+class Manifest:
+    """{key value: label} with the CSV line of each row, for errors that point at the row."""
+
+    path: Path
+    key: str
+    labels: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def describe(self, values: list[str], limit: int = 5) -> str:
+        """'rows 4, 9': where the key values are in the manifest.
+
+        Rows, never the values: UIDs and accession numbers are patient data, and a site's error
+        message travels to the server in its failed reply.
+        """
+        rows = sorted(self.rows.get(v, 0) for v in values)
+        shown = ", ".join(str(r) for r in rows[:limit]) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+        return f"row{'s' if len(rows) > 1 else ''} {shown}"
+
+
+def _expected(key: str) -> str:
+    return f"a CSV with header '{key},{LABEL_COLUMN}' and one row per case"
 
 
 def _fail(path: Path, problem: str, fix: str, row: int | None = None) -> SiteDataError:
@@ -25,69 +55,87 @@ def _fail(path: Path, problem: str, fix: str, row: int | None = None) -> SiteDat
     return SiteDataError(f"label manifest {where}: {problem}; {fix}")
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, key: str) -> str:
     if not path.exists():
-        raise SiteDataError(f"label manifest {path} does not exist: write {_EXPECTED} or point to the right file")
+        raise SiteDataError(f"label manifest {path} does not exist: write {_expected(key)} or point to the right file")
     if not path.is_file():
-        raise _fail(path, "is not a file", f"point to {_EXPECTED}")
+        raise _fail(path, "is not a file", f"point to {_expected(key)}")
     try:
         # utf-8-sig: spreadsheet programs often prepend a byte-order mark.
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise _fail(path, "is not UTF-8 text", f"save it as UTF-8 {_EXPECTED}") from None
+        raise _fail(path, "is not UTF-8 text", f"save it as UTF-8 {_expected(key)}") from None
     except OSError as exc:
         raise _fail(path, f"cannot be read ({exc.strerror or type(exc).__name__})", "check its permissions") from None
 
 
-def _column_indices(path: Path, header: list[str]) -> tuple[int, int]:
-    names = [h.strip().lower() for h in header]
-    found = []
-    for column in (UID_COLUMN, LABEL_COLUMN):
-        if column.lower() not in names:
-            found_text = ",".join(header)[:80]
-            raise _fail(path, f"header has no '{column}' column (found: {found_text})", f"make it {_EXPECTED}", 1)
-        found.append(names.index(column.lower()))
-    return found[0], found[1]
+def _key_column(path: Path, names: list[str], header: list[str], key: str | None, allowed: tuple[str, ...]) -> str:
+    if key is not None:
+        if key.lower() not in names:
+            found = ",".join(header)[:80]
+            raise _fail(path, f"header has no '{key}' column (found: {found})", f"make it {_expected(key)}", 1)
+        return next(k for k in allowed + (key,) if k.lower() == key.lower())
+    for candidate in allowed:
+        if candidate.lower() in names:
+            return candidate
+    found = ",".join(header)[:80]
+    raise _fail(path, f"header has no key column (found: {found})",
+                f"name one of {', '.join(allowed)} and a '{LABEL_COLUMN}' column", 1)
+
+
+def read_manifest(csv_path: Path, key: str | None = None, allowed: tuple[str, ...] = DICOM_KEYS) -> Manifest:
+    """Read a manifest keyed by `key`, or by the most specific column of `allowed` it holds.
+
+    Extra columns are ignored and blank lines skipped. Labels must be non-negative integers
+    (class indices); a key value may appear only once.
+    """
+    path = Path(csv_path)
+    if key is not None and key.lower() not in {k.lower() for k in allowed}:
+        raise SiteDataError(f"label-key {key!r} is not one of {', '.join(allowed)}: set label-key to one of them")
+    text = _read_text(path, key or allowed[0])
+    if not text.strip():
+        raise _fail(path, "is empty", f"write {_expected(key or allowed[0])}")
+    reader = csv.reader(text.splitlines())
+    try:
+        header = next(reader)
+        names = [h.strip().lower() for h in header]
+        key = _key_column(path, names, header, key, allowed)
+        if LABEL_COLUMN not in names:
+            raise _fail(path, f"header has no '{LABEL_COLUMN}' column (found: {','.join(header)[:80]})",
+                        f"make it {_expected(key)}", 1)
+        manifest = Manifest(path=path, key=key)
+        _read_rows(manifest, reader, names.index(key.lower()), names.index(LABEL_COLUMN))
+    except csv.Error as exc:
+        raise _fail(path, f"is not valid CSV ({exc})", f"write {_expected(key or allowed[0])}", reader.line_num) from None
+    if not manifest.labels:
+        raise _fail(path, "has a header but no rows", "add one row per labelled case")
+    return manifest
+
+
+def _read_rows(manifest: Manifest, reader, key_col: int, label_col: int) -> None:
+    path, key = manifest.path, manifest.key
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) <= max(key_col, label_col):
+            problem = f"has {len(row)} column(s), expected at least {max(key_col, label_col) + 1}"
+            raise _fail(path, problem, "fill in both columns", line)
+        value, raw_label = row[key_col].strip(), row[label_col].strip()
+        if not value:
+            raise _fail(path, f"{key} is empty", f"give the {key} of the case", line)
+        try:
+            label = int(raw_label)
+        except ValueError:
+            label = -1
+        if label < 0:
+            raise _fail(path, f"label {raw_label[:20]!r} is not a non-negative integer", "use class indices 0, 1, ...", line)
+        if value in manifest.labels:
+            raise _fail(path, f"{key} repeats row {manifest.rows[value]}", "keep one row per case", line)
+        manifest.labels[value] = label
+        manifest.rows[value] = line
 
 
 def read_labels(csv_path: Path) -> dict[str, int]:
-    """Return {SOPInstanceUID: label} from a manifest; raise SiteDataError if it is unusable.
-
-    Extra columns are ignored and blank lines skipped. Labels must be non-negative integers
-    (class indices); a UID may appear only once.
-    """
-    path = Path(csv_path)
-    text = _read_text(path)
-    if not text.strip():
-        raise _fail(path, "is empty", f"write {_EXPECTED}")
-    reader = csv.reader(text.splitlines())
-    labels: dict[str, int] = {}
-    first_row: dict[str, int] = {}
-    try:
-        uid_col, label_col = _column_indices(path, next(reader))
-        for row in reader:
-            line = reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) <= max(uid_col, label_col):
-                problem = f"has {len(row)} column(s), expected at least {max(uid_col, label_col) + 1}"
-                raise _fail(path, problem, "fill in both columns", line)
-            uid, raw_label = row[uid_col].strip(), row[label_col].strip()
-            if not uid:
-                raise _fail(path, f"{UID_COLUMN} is empty", "give the SOPInstanceUID of the image", line)
-            try:
-                label = int(raw_label)
-            except ValueError:
-                label = -1
-            if label < 0:
-                problem = f"label {raw_label[:20]!r} is not a non-negative integer"
-                raise _fail(path, problem, "use class indices 0, 1, ...", line)
-            if uid in labels:
-                raise _fail(path, f"SOPInstanceUID repeats row {first_row[uid]}", "keep one row per instance", line)
-            labels[uid] = label
-            first_row[uid] = line
-    except csv.Error as exc:
-        raise _fail(path, f"is not valid CSV ({exc})", f"write {_EXPECTED}", reader.line_num) from None
-    if not labels:
-        raise _fail(path, "has a header but no rows", "add one row per labelled DICOM instance")
-    return labels
+    """Return {SOPInstanceUID: label} from an instance-level manifest; raise SiteDataError if unusable."""
+    return read_manifest(csv_path, key=UID_COLUMN).labels

@@ -12,10 +12,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedcare.errors import ConfigError
+from fedcare.errors import ConfigError, FedcareError
 
 MODELS = ("small-cnn", "densenet121")
 OPTIMIZERS = ("sgd", "adam")
+DATA_FORMATS = ("dicom", "nifti")
+INPUT_MODES = ("2d", "3d")
+IRREGULAR_SERIES = ("exclude", "resample")
+LABEL_KEYS = ("", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber",
+              "image", "filename", "file", "path")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
@@ -32,6 +37,12 @@ class RunConfig:
     learning_rate: float = 0.1
     model: str = "small-cnn"
     image_size: int = 64
+    data_format: str = "dicom"
+    input_mode: str = "2d"
+    window: str = "soft-tissue"
+    label_key: str = ""
+    irregular_series: str = "exclude"
+    cache_dir: str = "decode-cache"
     val_fraction: float = 0.2
     seed: int = 42
     data_root: str = "outputs/demo-data"
@@ -100,11 +111,19 @@ class RunConfig:
         if self.site_budget_epsilon <= 0:
             _fail("site_budget_epsilon", self.site_budget_epsilon, "must be greater than 0")
         for name, allowed in (("model", MODELS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
+                              ("data_format", DATA_FORMATS), ("input_mode", INPUT_MODES),
+                              ("irregular_series", IRREGULAR_SERIES), ("label_key", LABEL_KEYS),
                               ("accountant", ACCOUNTANTS),
                               ("grad_sample_mode", GRAD_SAMPLE_MODES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), "must be one of " + ", ".join(allowed))
         parse_site_budgets(self.site_budgets)
+        from data_adapters.transforms import parse_window  # the adapter owns what a window means
+
+        try:
+            parse_window(self.window)
+        except FedcareError as err:
+            raise ConfigError(f"run config: 'window': {err}") from None
 
 
 def parse_site_budgets(text: str) -> dict[str, float]:

@@ -27,11 +27,12 @@ GRAD_SAMPLE_MODE = {"small-cnn": "hooks", "densenet121": "functorch"}
 def build_model(config: RunConfig) -> nn.Module:
     """A fresh, seeded network for the run's task; the same config gives the same weights."""
     torch.manual_seed(config.seed)
+    spatial_dims = 3 if config.input_mode == "3d" else 2
     if config.model == "small-cnn":
-        model = small_cnn()
+        model = small_cnn(spatial_dims)
     elif config.model == "densenet121":
         model = DenseNet121(
-            spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES,
+            spatial_dims=spatial_dims, in_channels=1, out_channels=NUM_CLASSES,
             norm=("group", {"num_groups": 32}), act=("relu", {"inplace": False}),
         )
     else:
@@ -42,17 +43,18 @@ def build_model(config: RunConfig) -> nn.Module:
     return model
 
 
-def small_cnn(channels: tuple[int, ...] = (16, 32, 64)) -> nn.Module:
-    """Strided MONAI convolution blocks, then global max pooling: a lesion anywhere in the slice counts."""
+def small_cnn(spatial_dims: int = 2, channels: tuple[int, ...] = (16, 32, 64)) -> nn.Module:
+    """Strided MONAI convolution blocks, then global max pooling: a lesion anywhere in the image counts."""
     layers: list[nn.Module] = []
     in_channels = 1
     for out_channels in channels:
         layers.append(Convolution(
-            spatial_dims=2, in_channels=in_channels, out_channels=out_channels,
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
             strides=2, kernel_size=3, norm=GROUP_NORM, act="relu",
         ))
         in_channels = out_channels
-    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(in_channels, NUM_CLASSES)]
+    pool = nn.AdaptiveMaxPool3d(1) if spatial_dims == 3 else nn.AdaptiveMaxPool2d(1)
+    layers += [pool, nn.Flatten(), nn.Linear(in_channels, NUM_CLASSES)]
     return nn.Sequential(*layers)
 
 

@@ -104,12 +104,12 @@ def test_real_ct_and_mr_load_with_correct_rescale(real_site: Path) -> None:
 def test_bad_files_are_skipped_and_counted_not_fatal(real_site: Path) -> None:
     site = read_site(real_site)
     reasons = dict(site.skipped)
-    assert set(reasons) == {"notes.txt", "broken.dcm", "multiframe.dcm", "copy_of_ct.dcm"}
+    # Multi-frame images are samples now (one per frame): the unlabelled 10-frame MR counts 10.
+    assert set(reasons) == {"notes.txt", "broken.dcm", "copy_of_ct.dcm"}
     assert reasons["notes.txt"] == "not a DICOM file"
     assert reasons["broken.dcm"].startswith(("cannot decode pixel data", "unreadable DICOM"))
-    assert reasons["multiframe.dcm"] == "multi-frame (not supported in 2D classification)"
     assert reasons["copy_of_ct.dcm"].startswith("duplicate SOPInstanceUID")
-    assert site.unlabelled == 1
+    assert site.unlabelled == 1 + 10
 
 
 def test_reading_never_emits_header_strings(real_site: Path, capsys, caplog, recwarn) -> None:
@@ -180,7 +180,9 @@ def test_labelled_instance_without_file(real_site: Path) -> None:
     manifest = _write_labels(real_site, {**labels, "1.2.999.1": 1, "1.2.999.2": 0})
     with pytest.raises(SiteDataError) as err:
         read_site(real_site)
-    _one_line_error(err, manifest, "2 labelled", "1.2.999.1")
+    # Named by manifest row, not by UID: the message reaches the server in the site's failed reply.
+    message = _one_line_error(err, manifest, "2 labelled", "rows 4, 5")
+    assert "1.2.999.1" not in message
 
 
 # ---- splits and datasets ----
@@ -225,7 +227,7 @@ def test_dataset_resizes_other_shapes(real_site: Path) -> None:
     data = site_datasets(real_site, val_fraction=0.0, image_size=32)
     shapes = {tuple(data.train[i][0].shape) for i in range(len(data.train))}
     assert shapes == {(1, 32, 32)} and data.num_train == 2
-    assert data.skipped == 4 and data.unlabelled == 1
+    assert data.skipped == 3 and data.unlabelled == 1 + 10
 
 
 def test_decoded_images_are_cached_until_the_folder_changes(demo: list[Path]) -> None:

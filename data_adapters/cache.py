@@ -1,0 +1,148 @@
+"""The site's decode cache: preprocessed arrays on local disk, keyed by file content and settings.
+
+A key is the hash of the source files' content digests and the preprocessing fingerprint, so an
+edited file or a new window or image size never reuses a stale array. Arrays are written in
+batches (one .npy per load, frames stacked) and read back memory-mapped, so a later epoch or
+round reads a handful of files instead of decoding thousands. Content digests are remembered by
+(path, size, mtime), so an unchanged site is not even re-read to find its keys.
+
+The folder holds only what this module writes, marked by a CACHEDIR.TAG; `clear` removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from fedcare.errors import SiteDataError
+
+__all__ = ["DecodeCache", "content_digest", "sample_key", "clear_cache", "prepare_cache_dir"]
+
+_TAG_NAME = "CACHEDIR.TAG"
+# The standard signature (bford.info/cachedir) that backup tools recognise and skip.
+_TAG_TEXT = "Signature: 8a477f597d28d172789f06886806bc55\n# fedcare decode cache: safe to delete\n"
+_TABLE = "table.json"
+
+
+def content_digest(raw: bytes) -> str:
+    return hashlib.blake2b(raw, digest_size=20).hexdigest()
+
+
+def sample_key(digests: Iterable[str], fingerprint: str) -> str:
+    """The cache key of one sample: its source files' content and the preprocessing settings."""
+    h = hashlib.blake2b(fingerprint.encode(), digest_size=20)
+    for digest in digests:
+        h.update(digest.encode())
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # missing or damaged: the cache only gets slower, never wrong
+
+
+def _write_json(path: Path, document: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(document), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_cache_dir(root: Path) -> Path:
+    """Create the cache folder with its tag (which marks it as safe to clear)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise SiteDataError(f"cache-dir {root} is a file: point cache-dir at a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tag = root / _TAG_NAME
+        if not tag.exists():
+            tag.write_text(_TAG_TEXT, encoding="utf-8")
+    except OSError as exc:
+        raise SiteDataError(f"cache-dir {root} cannot be written ({exc.strerror}): point it at a writable folder") from None
+    return root
+
+
+class DecodeCache:
+    """Content-addressed arrays under `root`; every array of one batch has the same frame shape."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = prepare_cache_dir(root)
+        self._table: dict[str, list] = _read_json(self.root / _TABLE)
+        self._batches: dict[str, np.ndarray] = {}
+
+    # ---- content digests, remembered by (size, mtime) per folder ----
+
+    def _digest_file(self, folder: Path) -> Path:
+        name = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:20]
+        return self.root / f"digests-{name}.json"
+
+    def load_digests(self, folder: Path) -> dict[str, list]:
+        """{relative path: [size, mtime_ns, digest]} recorded for `folder`."""
+        return _read_json(self._digest_file(folder))
+
+    def save_digests(self, folder: Path, digests: dict[str, list]) -> None:
+        _write_json(self._digest_file(folder), digests)
+
+    # ---- arrays ----
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The array stored under `key` (memory-mapped, read-only), or None."""
+        entry = self._table.get(key)
+        if entry is None:
+            return None
+        batch, start, count = entry
+        if batch not in self._batches:
+            try:
+                self._batches[batch] = np.load(self.root / batch, mmap_mode="r")
+            except (OSError, ValueError):
+                return None
+        return self._batches[batch][start : start + count]
+
+    def put_many(self, arrays: dict[str, np.ndarray]) -> None:
+        """Store arrays of shape [n, ...] (n may differ) in one batch file per frame shape."""
+        by_shape: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+        for key, array in arrays.items():
+            by_shape.setdefault(array.shape[1:], []).append((key, array))
+        if not by_shape:
+            return
+        for items in by_shape.values():
+            batch = f"batch-{secrets.token_hex(8)}.npy"
+            stacked = np.concatenate([np.asarray(a, dtype=np.float32) for _, a in items])
+            tmp = self.root / f".{batch}.tmp"
+            with open(tmp, "wb") as fh:
+                np.save(fh, stacked)
+            os.replace(tmp, self.root / batch)
+            start = 0
+            for key, array in items:
+                self._table[key] = [batch, start, len(array)]
+                start += len(array)
+        # Merge with entries another process may have added meanwhile; losing a race costs a re-decode.
+        merged = {**_read_json(self.root / _TABLE), **self._table}
+        self._table = merged
+        _write_json(self.root / _TABLE, merged)
+
+
+def clear_cache(cache_dir: Path) -> int:
+    """Delete a decode cache folder; returns the number of files removed.
+
+    Refuses a folder without the cache's CACHEDIR.TAG, so a mistyped path cannot delete data.
+    """
+    root = Path(cache_dir)
+    if not root.exists():
+        return 0
+    if not (root / _TAG_NAME).is_file():
+        raise SiteDataError(
+            f"{root} is not a fedcare decode cache (no {_TAG_NAME}): check the cache-dir path; nothing was deleted"
+        )
+    count = sum(len(files) for _, _, files in os.walk(root))
+    shutil.rmtree(root)
+    return count

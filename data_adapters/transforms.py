@@ -1,0 +1,136 @@
+"""Preprocessing from physical units to model input: an intensity window, then a resize.
+
+Windows are named presets (CT in HU) or an explicit "low,high" pair; "minmax" scales each sample
+by its own 0.5-99.5 percentiles, for modalities without a physical scale (MR, CR, US). The steps
+act on a whole stack of frames at once, so decoding a multi-frame file costs one call, and they
+match today's MONAI pipeline (ScaleIntensityRange with clipping, then an area Resize).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedcare.errors import SiteDataError
+
+__all__ = ["WINDOW_PRESETS", "Preprocess", "parse_window", "apply_window", "resize_frames", "resize_volume"]
+
+# (low, high) in HU; soft tissue is the project's long-standing default.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "soft-tissue": (-200.0, 300.0),
+    "abdomen": (-160.0, 240.0),
+    "mediastinum": (-125.0, 225.0),
+    "liver": (-25.0, 175.0),
+    "lung": (-1350.0, 150.0),
+    "bone": (-450.0, 1050.0),
+    "brain": (0.0, 80.0),
+}
+MINMAX = "minmax"
+_PERCENTILES = (0.5, 99.5)
+_VERSION = 1  # bump when preprocessing changes, so cached arrays from older code are not reused
+
+Window = tuple[float, float] | str
+
+
+def parse_window(value: Window | list[float]) -> Window:
+    """A preset name, 'minmax', 'low,high' or (low, high) -> (low, high) or 'minmax'."""
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name == MINMAX:
+            return MINMAX
+        if name in WINDOW_PRESETS:
+            return WINDOW_PRESETS[name]
+        parts = name.split(",")
+        try:
+            low, high = (float(p) for p in parts) if len(parts) == 2 else (None, None)
+        except ValueError:
+            low = high = None
+        if low is None or high is None:
+            raise SiteDataError(
+                f"window {value!r} is not a preset ({', '.join(sorted(WINDOW_PRESETS))}, {MINMAX}) "
+                "or 'low,high': set window to one of those"
+            )
+    else:
+        low, high = (float(v) for v in value)
+    if not high > low:
+        raise SiteDataError(f"intensity window must have low < high, got {value!r}: swap or widen it")
+    return (low, high)
+
+
+def apply_window(frames: np.ndarray, window: Window) -> np.ndarray:
+    """Physical values -> [0, 1], clipped: a fixed window, or each sample's own percentiles."""
+    if window == MINMAX:
+        low, high = (float(v) for v in np.percentile(frames, _PERCENTILES))
+        high = high if high > low else low + 1.0
+    else:
+        low, high = window  # type: ignore[misc]
+    out = (frames.astype(np.float32, copy=True) - np.float32(low)) / np.float32(high - low)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    # For one small image, waking torch's thread pool costs far more than the work (ms vs us),
+    # worst when the site's other processes keep the cores busy.
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """[F, H, W] -> [F, size, size]; a no-op at that size.
+
+    Shrinking averages areas, as MONAI's Resize does; enlarging is bilinear, because area
+    interpolation upwards is adaptive pooling, slow and no better.
+    """
+    if frames.shape[-2:] == (size, size):
+        return np.ascontiguousarray(frames, dtype=np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))[:, None]
+    with _one_thread():
+        if min(frames.shape[-2:]) >= size:
+            return F.interpolate(tensor, size=(size, size), mode="area")[:, 0].numpy()
+        return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def resize_volume(volume: np.ndarray, size: int) -> np.ndarray:
+    """[Z, H, W] -> [size, size, size] by trilinear interpolation (slices are rarely as fine as pixels)."""
+    if volume.shape == (size, size, size):
+        return np.ascontiguousarray(volume, dtype=np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    with _one_thread():
+        return F.interpolate(tensor, size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Window then resize; `fingerprint` keys the decode cache, so a change of settings re-decodes."""
+
+    window: Window = WINDOW_PRESETS["soft-tissue"]
+    image_size: int = 64
+    volume: bool = False  # 3D: one [Z, H, W] volume per sample instead of independent frames
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "window", parse_window(self.window))
+        if self.image_size < 8:
+            raise SiteDataError(f"image-size must be at least 8 pixels, got {self.image_size}")
+
+    @property
+    def fingerprint(self) -> str:
+        return f"v{_VERSION}|window={self.window}|size={self.image_size}|volume={self.volume}"
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        if self.volume:
+            return resize_volume(apply_window(frames, self.window), self.image_size)
+        if self.window == MINMAX:
+            return np.stack([resize_frames(apply_window(f[None], MINMAX), self.image_size)[0] for f in frames])
+        return resize_frames(apply_window(frames, self.window), self.image_size)
