@@ -9,7 +9,7 @@ DEMO_DATA := outputs/demo-data
 # Flower's connections and local SuperLink state stay inside the project, never in $HOME.
 export FLWR_HOME := $(CURDIR)/outputs/flwr-home
 
-.PHONY: setup demo demo-data test test-fast clean
+.PHONY: setup demo demo-data deploy-local test test-fast bench bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -28,11 +28,24 @@ demo-data: setup
 demo: demo-data
 	$(BIN)/fedcare run --config configs/demo.toml --sites 3 --fresh-sites
 
+# A real TLS, key-authenticated federation of 2 sites on loopback, through the image's entry point;
+# its demo data, credentials, state and logs all stay under outputs/deploy-local.
+deploy-local: setup
+	$(BIN)/fedcare deploy local --sites 2 --rounds 2 --out outputs/deploy-local
+
 test: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Side-by-side benchmarks (benchmarks/README.md): writes benchmarks/results.json and results.md,
+# scratch data under outputs/bench. Never part of `make test`: timings on shared machines vary.
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/run.py --quick
 
 clean:
 	rm -rf outputs

@@ -137,7 +137,64 @@ def privacy_report(
 
 
 # Site-side data commands; their modules import the heavy parts only when a command runs.
+from data_adapters.check_site import cache_clear_command, check_site_command  # noqa: E402
 
+app.command("check-site")(check_site_command)
+cache_app = typer.Typer(no_args_is_help=True, help="The site's decode cache.")
+cache_app.command("clear")(cache_clear_command)
+app.add_typer(cache_app, name="cache")
+
+# Deployment: credentials, key registration and the loopback federation (fedcare/deploy/).
+deploy_app = typer.Typer(no_args_is_help=True, help="Deploy across hospitals: credentials, site keys, a loopback run.")
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("init")
+def deploy_init(
+    sites: int = typer.Option(2, min=1, help="Number of sites (site-0 ... site-N-1) unless --site names them."),
+    out: Path = typer.Option(..., help="Folder for ca/, coordinator/ and sites/<site>/; keep it out of git."),
+    host: list[str] = typer.Option(["localhost"], help="Name or address sites use for the coordinator (repeat)."),
+    site: Optional[list[str]] = typer.Option(None, help="Site names instead of site-0 ... (repeat)."),
+    overwrite: bool = typer.Option(False, help="Replace the credentials already in --out."),
+) -> None:
+    """Make a CA, the coordinator's TLS certificate and one SECP384R1 key pair per site."""
+    from fedcare.deploy.credentials import make_credentials
+
+    names = site or [f"site-{index}" for index in range(sites)]
+    make_credentials(out, names, host, overwrite=overwrite)
+    console.print(f"wrote {out}/ca (keep ca.key offline), {out}/coordinator and {out}/sites/{{{','.join(names)}}}")
+
+
+@deploy_app.command("register")
+def deploy_register(
+    superlink: str = typer.Option(..., help="The coordinator's HOST:PORT, as the sites reach it."),
+    credentials: Path = typer.Option(..., help="The folder `fedcare deploy init` wrote."),
+    site: Optional[list[str]] = typer.Option(None, help="Register only these sites (repeat); default all."),
+    flwr_home: Optional[Path] = typer.Option(None, help="FLWR_HOME for the connection; default <credentials>/flwr-home."),
+) -> None:
+    """Register the sites' public keys with the coordinator's SuperLink."""
+    from fedcare.deploy.register import register_sites, site_keys
+
+    coordinator = credentials / "coordinator"
+    node_ids = register_sites(site_keys(credentials, site), superlink, coordinator / "ca.crt",
+                              flwr_home or credentials / "flwr-home", certificate=coordinator / "server.pem")
+    for name, node_id in node_ids.items():
+        console.print(f"{name}: registered as node {node_id}")
+
+
+@deploy_app.command("local")
+def deploy_local(
+    sites: int = typer.Option(2, min=1, help="Sites to start, each with its own demo DICOM and key."),
+    rounds: int = typer.Option(2, min=1, help="Federated rounds."),
+    out: Path = typer.Option(Path("outputs/deploy-local"), help="Every file of the run: logs, state, credentials."),
+    project: Path = typer.Option(Path("."), help="The Flower app's folder."),
+) -> None:
+    """Run a real TLS, key-authenticated federation on loopback; stop every process it started."""
+    from fedcare.deploy.local import run_local
+
+    folder = run_local(out, project, sites=sites, rounds=rounds)
+    show_run(folder)
+    console.print(f"Logs of every process: {out.resolve() / 'logs'}")
 
 
 def show_run(folder: Path) -> None:

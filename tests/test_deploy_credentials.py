@@ -1,0 +1,124 @@
+"""Credentials and the entry point's checks: what `fedcare deploy init` writes, and a wrong file
+ending in one line that names it (exit 1, no traceback), before any Flower process starts."""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedcare.deploy.credentials import certificate_hosts, check_coordinator, make_credentials
+from fedcare.deploy.entrypoint import coordinator_command, site_command
+from fedcare.errors import FedcareError
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDCARE = str(Path(sys.executable).with_name("fedcare"))
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory):
+    out = tmp_path_factory.mktemp("credentials")
+    done = subprocess.run([FEDCARE, "deploy", "init", "--sites", "2", "--out", str(out), "--host", "coordinator.example",
+                           "--host", "10.0.0.5"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_init_writes_ca_coordinator_certificate_and_one_p384_key_pair_per_site(credentials):
+    cert = x509.load_pem_x509_certificate((credentials / "coordinator" / "server.pem").read_bytes())
+    assert certificate_hosts(cert) == {"coordinator.example", "10.0.0.5"}
+    check_coordinator(credentials / "ca" / "ca.crt", credentials / "coordinator" / "server.pem",
+                      credentials / "coordinator" / "server.key", "coordinator.example")
+    for site in ("site-0", "site-1"):
+        folder = credentials / "sites" / site
+        private = serialization.load_ssh_private_key((folder / "site.key").read_bytes(), password=None)
+        public = serialization.load_ssh_public_key((folder / "site.pub").read_bytes())
+        assert isinstance(private.curve, ec.SECP384R1) and isinstance(public.curve, ec.SECP384R1)
+        assert stat.S_IMODE((folder / "site.key").stat().st_mode) == 0o600
+        assert (folder / "ca.crt").read_bytes() == (credentials / "ca" / "ca.crt").read_bytes()
+    assert not (credentials / "coordinator" / "ca.key").exists()  # the CA's key is never deployed
+
+
+def test_init_refuses_to_overwrite_an_existing_ca(credentials):
+    with pytest.raises(FedcareError, match="already exists"):
+        make_credentials(credentials, ["site-0"], ["localhost"])
+
+
+def run_entrypoint(role: str, env: dict) -> subprocess.CompletedProcess:
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    return subprocess.run([str(ROOT / "deploy" / "entrypoint.sh"), role], env=os.environ | {"PATH": path} | env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def one_line_error(done: subprocess.CompletedProcess, *expected: str) -> None:
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def test_certificate_for_another_host_fails_loudly(credentials, tmp_path):
+    done = run_entrypoint("coordinator", {"FEDCARE_TLS_DIR": str(credentials / "coordinator"),
+                                          "FEDCARE_HOST": "wrong-host.example", "FEDCARE_STATE": str(tmp_path)})
+    one_line_error(done, str(credentials / "coordinator" / "server.pem"), "not for 'wrong-host.example'",
+                   "fedcare deploy init --host wrong-host.example")
+
+
+def test_missing_certificate_names_the_file(credentials, tmp_path):
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    (tls / "site.key").write_bytes((credentials / "sites" / "site-0" / "site.key").read_bytes())
+    done = run_entrypoint("site", {"FEDCARE_TLS_DIR": str(tls), "FEDCARE_STATE": str(tmp_path / "state")})
+    one_line_error(done, str(tls / "ca.crt"), "certificate file not found")
+
+
+def test_malformed_site_key_names_the_file(credentials, tmp_path):
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    (tls / "ca.crt").write_bytes((credentials / "ca" / "ca.crt").read_bytes())
+    (tls / "site.key").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nnot a key\n")
+    done = run_entrypoint("site", {"FEDCARE_TLS_DIR": str(tls), "FEDCARE_STATE": str(tmp_path / "state")})
+    one_line_error(done, str(tls / "site.key"), "not an unencrypted OpenSSH private key")
+
+
+def test_key_of_another_certificate_is_refused(credentials, tmp_path):
+    other = make_credentials(tmp_path / "other", ["site-0"], ["coordinator.example"])
+    with pytest.raises(FedcareError, match="does not belong to the certificate"):
+        check_coordinator(credentials / "ca" / "ca.crt", credentials / "coordinator" / "server.pem",
+                          other / "coordinator" / "server.key", "coordinator.example")
+    with pytest.raises(FedcareError, match="not signed by the CA"):
+        check_coordinator(credentials / "ca" / "ca.crt", other / "coordinator" / "server.pem",
+                          other / "coordinator" / "server.key", "coordinator.example")
+
+
+def test_register_with_a_malformed_public_key_is_one_line(credentials, tmp_path):
+    copy = tmp_path / "creds"
+    (copy / "sites" / "site-0").mkdir(parents=True)
+    (copy / "coordinator").mkdir()
+    for name in ("ca.crt", "server.pem"):
+        (copy / "coordinator" / name).write_bytes((credentials / "coordinator" / name).read_bytes())
+    (copy / "sites" / "site-0" / "site.pub").write_text("ecdsa-sha2-nistp384 garbage\n")
+    done = subprocess.run([FEDCARE, "deploy", "register", "--credentials", str(copy), "--superlink",
+                           "coordinator.example:9092"], capture_output=True, text=True, timeout=60)
+    one_line_error(done, str(copy / "sites" / "site-0" / "site.pub"), "not an OpenSSH public key")
+
+
+def test_entrypoint_builds_the_flower_commands_with_tls_auth_and_node_config(credentials, tmp_path):
+    coordinator = coordinator_command({"FEDCARE_TLS_DIR": str(credentials / "coordinator"),
+                                       "FEDCARE_HOST": "10.0.0.5", "FEDCARE_STATE": str(tmp_path / "c")})
+    assert Path(coordinator[0]).name == "flower-superlink"
+    for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--ssl-certfile"):
+        assert flag in coordinator
+    assert "--insecure" not in coordinator and coordinator[coordinator.index("--port") + 1] == "9092"
+    site = site_command({"FEDCARE_TLS_DIR": str(credentials / "sites" / "site-1"), "FEDCARE_STATE": str(tmp_path / "s"),
+                         "FEDCARE_SUPERLINK": "coordinator.example:9092", "FEDCARE_SITE_NAME": "st-olav",
+                         "FEDCARE_DATA": str(tmp_path), "FEDCARE_BUDGET_EPSILON": "8"})
+    assert Path(site[0]).name == "flower-supernode" and "--insecure" not in site
+    assert site[site.index("--node-config") + 1] == (f'site-name="st-olav" data-path="{tmp_path}" '
+                                                     f'state-path="{(tmp_path / "s").resolve()}" budget-epsilon=8.0')

@@ -1,0 +1,155 @@
+"""End to end on real processes: a TLS, key-authenticated SuperLink and one SuperNode per site on
+loopback, started through the image's entry point, exactly as `make deploy-local` does.
+
+The second federation also carries what must be refused (a SuperNode whose key was never
+registered, one that skips TLS) and a site killed mid-run and restarted.
+"""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from data_adapters import write_demo_sites
+from fedcare.deploy.local import LocalFederation, check_run
+from fedcare.deploy.credentials import make_site_key
+from fedcare.deploy.processes import TAG
+from fedcare.privacy.ledger import Ledger
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ["site-0", "site-1"]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line or environment mentions `text` (our folders are unique)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if "Z" in (entry / "stat").read_text().rsplit(")", 1)[1].split()[:1]:
+                continue
+            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in blob and int(entry.name) != __import__("os").getpid():
+            found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def test_make_deploy_local_runs_two_sites_for_two_rounds_and_leaves_nothing_running(tmp_path):
+    out = tmp_path / "deploy-local"
+    done = subprocess.run([str(Path(sys.executable).with_name("fedcare")), "deploy", "local", "--sites", "2",
+                           "--rounds", "2", "--out", str(out), "--project", str(ROOT)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = (out / "runs" / "latest").resolve()
+    report = check_run(folder, SITES, 2)
+    for site in SITES:
+        entries = Ledger(out / "sites" / site / "ledger.jsonl").entries()
+        assert [e.round for e in entries] == [1, 2]
+        assert [r["epsilon"] for r in report["sites"][site]["rounds"]] == pytest.approx([e.epsilon for e in entries])
+    coordinator_log = (out / "logs" / "coordinator.log").read_text()
+    assert "https://127.0.0.1" in coordinator_log  # the SuperLink served TLS only
+    assert processes_mentioning(str(out)) == []
+
+
+@pytest.fixture(scope="module")
+def hardened(tmp_path_factory):
+    """One federation, 3 rounds: two registered sites, two that must be refused, one site restarted."""
+    root = tmp_path_factory.mktemp("hardened")
+    write_demo_sites(root / "data", sites=2, seed=5, cases=[40, 60])
+    outcome: dict = {}
+    with LocalFederation(root, ROOT) as federation:
+        federation.make_credentials(SITES)
+        make_site_key(root / "unregistered")  # a key pair the coordinator never saw
+        (root / "unregistered" / "ca.crt").write_bytes((root / "credentials" / "ca" / "ca.crt").read_bytes())
+        federation.start_coordinator()
+        outcome["node_ids"] = federation.register(SITES)
+        for site in SITES:
+            federation.start_site(site, root / "data" / site)
+        federation.start_site("intruder", root / "data" / "site-0", tls=root / "unregistered")
+        federation.start_site_without_tls("no-tls", root / "data" / "site-1")
+
+        runner = threading.Thread(target=lambda: outcome.update(
+            # min-sites 1: the round in which site-1 is killed goes on with site-0 alone.
+            folder=federation.run(3, {"min-sites": 1, "round-timeout": 120.0})))
+        runner.start()
+        ledger = Ledger(federation.site_state("site-1") / "ledger.jsonl")
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (ledger.path.exists() and ledger.entries()):
+            time.sleep(0.5)
+        outcome["before_kill"] = ledger.entries()
+        federation.processes.kill("site-1")
+        outcome["killed_left"] = [p for p in federation.processes.pids()
+                                  if f"{federation.processes.tag}/site-1\0".encode() in _environ(p)]
+        # What Docker's `restart: unless-stopped` does: start the site again whenever it exits. Until
+        # the SuperLink sees the killed node's heartbeat lapse it refuses a second activation.
+        restarts = 0
+        while runner.is_alive():
+            process = federation.processes.started.get("site-1-restarted")
+            if process is None or process.poll() is not None:
+                federation.start_site("site-1", root / "data" / "site-1", log_name="site-1-restarted")
+                restarts += 1
+            runner.join(timeout=5)
+        outcome["restarts"] = restarts
+        outcome["refused"] = {name: federation.processes.started[name].poll() for name in ("intruder", "no-tls")}
+        outcome["nodes"] = _node_list(federation)
+    outcome["left_running"] = processes_mentioning(str(root))
+    return root, outcome
+
+
+def test_site_killed_mid_run_rejoins_and_keeps_its_ledger(hardened):
+    root, outcome = hardened
+    assert outcome["before_kill"], "site-1 never trained before the kill"
+    assert outcome["killed_left"] == []
+    folder = outcome["folder"]
+    check_run(folder, SITES, 3)
+    after = Ledger(root / "sites" / "site-1" / "ledger.jsonl").entries()
+    assert after[:len(outcome["before_kill"])] == outcome["before_kill"]
+    assert len(after) > len(outcome["before_kill"])  # the restarted site trained again
+    last = json.loads((folder / "metrics.json").read_text())["rounds"][-1]
+    assert last["sites"]["site-1"]["train_status"] == "ok"
+    assert outcome["restarts"] >= 1
+
+
+def test_unregistered_and_plaintext_supernodes_are_refused(hardened):
+    root, outcome = hardened
+    metrics = json.loads((outcome["folder"] / "metrics.json").read_text())
+    for item in metrics["rounds"]:
+        assert not {"intruder", "no-tls"} & set(item["sites"])
+    assert not (root / "sites" / "intruder" / "ledger.jsonl").exists()
+    assert not (root / "sites" / "no-tls" / "ledger.jsonl").exists()
+    # Only the registered keys are nodes of the federation.
+    assert sorted(outcome["nodes"]) == sorted(outcome["node_ids"].values())
+    # Both gave up on their own: the SuperLink never let them in.
+    assert outcome["refused"]["intruder"] not in (None, 0) and outcome["refused"]["no-tls"] is not None
+    assert "Failed to activate SuperNode" in (root / "logs" / "intruder.log").read_text()
+    assert "No SuperNode found with the given public key" in (root / "logs" / "coordinator.log").read_text()
+    assert "Giving up reconnection" in (root / "logs" / "no-tls.log").read_text()
+
+
+def test_no_process_of_the_federation_outlives_it(hardened):
+    _, outcome = hardened
+    assert outcome["left_running"] == []
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "environ").read_bytes() + b"\0"
+    except OSError:
+        return b""
+
+
+def _node_list(federation: LocalFederation) -> list[int]:
+    from fedcare.deploy.register import flwr_env
+
+    done = subprocess.run([str(Path(sys.executable).with_name("flwr")), "supernode", "list", "fedcare", "--format",
+                           "json"], env=flwr_env(federation.home), capture_output=True, text=True, timeout=60)
+    document = json.loads(done.stdout[done.stdout.index("{"):])
+    return [int(node["node-id"]) for node in document["nodes"]]
