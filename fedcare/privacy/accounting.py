@@ -117,6 +117,20 @@ def epsilon_after(
     return epsilon([*history, (sigma, sample_rate, steps)], delta, accountant)
 
 
+@functools.lru_cache(maxsize=256)
+def _planned_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    # A site plans the same run every round with the same figures: the search (close to a second)
+    # runs once per process, not once per round.
+    # The search starts at sigma 20 and 40, where Opacus warns that its largest RDP order
+    # is optimal; that only concerns probes far from the answer, so the warning is noise.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+            steps=steps, accountant=accountant,
+        ))
+
+
 def noise_multiplier_for(
     target_epsilon: float,
     delta: float,
@@ -140,18 +154,7 @@ def noise_multiplier_for(
     if steps == 0:
         raise FedcareError("cannot plan a noise multiplier for 0 steps: the run must train at least one step")
     try:
-        # The search starts at sigma 20 and 40, where Opacus warns that its largest RDP order
-        # is optimal; that only concerns probes far from the answer, so the warning is noise.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            sigma = get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-            )
-        return float(sigma)
+        return _planned_sigma(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant)
     except ValueError as error:
         raise FedcareError(
             f"no noise multiplier reaches epsilon {target_epsilon:g} at delta {delta:g} over {steps} steps "
