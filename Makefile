@@ -1,11 +1,22 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv if missing, install, make the demo DICOM, run the federation
+#                 (make demo TASK=segmentation: the U-Net on DICOM SEG masks)
 #   make test   - the same set-up, then the whole test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+# make demo TASK=segmentation: the U-Net on DICOM SEG masks, with its own data and preset.
+TASK ?= classification
+ifeq ($(TASK),segmentation)
+DEMO_DATA := outputs/demo-seg
+DEMO_CONFIG := configs/segmentation.toml
+DEMO_MARKER := site-2/series-000/SEG.dcm
+else
 DEMO_DATA := outputs/demo-data
+DEMO_CONFIG := configs/demo.toml
+DEMO_MARKER := site-2/labels.csv
+endif
 # Flower's connections and local SuperLink state stay inside the project, never in $HOME.
 export FLWR_HOME := $(CURDIR)/outputs/flwr-home
 
@@ -23,10 +34,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo-data: setup
-	@test -f $(DEMO_DATA)/site-2/labels.csv || $(BIN)/fedcare demo-data --out $(DEMO_DATA) --sites 3
+	@test -f $(DEMO_DATA)/$(DEMO_MARKER) || $(BIN)/fedcare demo-data --out $(DEMO_DATA) --sites 3 --task $(TASK)
 
 demo: demo-data
-	$(BIN)/fedcare run --config configs/demo.toml --sites 3 --fresh-sites
+	$(BIN)/fedcare run --config $(DEMO_CONFIG) --sites 3 --fresh-sites
 
 # A real TLS, key-authenticated federation of 2 sites on loopback, through the image's entry point;
 # its demo data, credentials, state and logs all stay under outputs/deploy-local.

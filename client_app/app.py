@@ -16,13 +16,14 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from client_app.egress import egress_log
-from data_adapters import SiteDatasets, site_datasets
+from data_adapters import SiteDatasets, segmentation_datasets, site_datasets
 from fedcare.config import RunConfig
 from fedcare.errors import SITE_ERROR_CODE, FedcareError, site_error_reason
 from fedcare.model import build_model, check_private_trainable
 from fedcare.privacy.dpsgd import plan_round, record_round, train_private
 from fedcare.privacy.ledger import Ledger
 from fedcare.sites import Site, site_from_node_config
+from fedcare.segmentation import evaluate_segmentation
 from fedcare.training import evaluate, train_plain
 
 app = ClientApp(mods=[egress_log])
@@ -44,12 +45,16 @@ def start(msg: Message, context: Context) -> Work:
     """Resolve the site, read its data and load the global model the server sent."""
     config = RunConfig.from_mapping(context.run_config)
     site = site_from_node_config(context.node_config, config)
-    data = site_datasets(
-        Path(site.data_path), config.val_fraction, config.seed, config.image_size, window=config.window,
-        input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
-        data_format=config.data_format,
-        cache_dir=(site.state_path / config.cache_dir) if config.cache_dir else None,
-    )
+    if config.task == "segmentation":
+        data = segmentation_datasets(Path(site.data_path), config.val_fraction, config.seed, config.image_size,
+                                     window=config.window)
+    else:
+        data = site_datasets(
+            Path(site.data_path), config.val_fraction, config.seed, config.image_size, window=config.window,
+            input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
+            data_format=config.data_format,
+            cache_dir=(site.state_path / config.cache_dir) if config.cache_dir else None,
+        )
     model = build_model(config)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return Work(config, site, data, model, int(msg.content["config"]["server-round"]))
@@ -93,10 +98,11 @@ def train_within_budget(msg: Message, context: Context, work: Work, round_seed: 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this site's held-out validation split."""
+    """Evaluate the global model on this site's held-out validation split (loss, accuracy, AUC; or loss, Dice)."""
     try:
         work = start(msg, context)
-        metrics = evaluate(work.model, work.data.val, work.config.batch_size)
+        evaluate_task = evaluate_segmentation if work.config.task == "segmentation" else evaluate
+        metrics = evaluate_task(work.model, work.data.val, work.config.batch_size)
         metrics["num-examples"] = work.data.num_val
         return Message(RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(work.site)}), reply_to=msg)
     except FedcareError as err:

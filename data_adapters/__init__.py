@@ -14,12 +14,14 @@ if TYPE_CHECKING:
     from .cache import DecodeCache, clear_cache
     from .dataset import SiteDatasets, cached_site_images, image_transform, site_datasets, split_indices
     from .demo_data import DEFAULT_CASES, write_demo_sites
+    from .demo_segmentation import write_demo_segmentation_sites
     from .dicom import SiteImages, load_site, read_site
     from .index import SiteIndex, index_site
     from .labels import read_labels, read_manifest
     from .nifti import load_nifti_site
     from .readiness import check_site
     from .seg import label_volume, read_segmentation
+    from .segmentation import read_segmentation_site, segmentation_datasets
     from .transforms import WINDOW_PRESETS, Preprocess
     from .volumes import plan_volume, stack_volume
 
@@ -49,6 +51,9 @@ _HOME = {
     "site_datasets": "dataset",
     "split_indices": "dataset",
     "write_demo_sites": "demo_data",
+    "write_demo_segmentation_sites": "demo_segmentation",
+    "read_segmentation_site": "segmentation",
+    "segmentation_datasets": "segmentation",
 }
 __all__ = sorted(_HOME)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,8 +235,16 @@ def write_demo_sites(
     Each site is written completely in a temporary folder beside `out` and then renamed into
     place, so an interrupted run never leaves a half-written site. Returns the site folders.
     """
+    return write_sites(out, sites, _case_counts(sites, cases), seed, image_size, _write_site, overwrite=overwrite)
+
+
+def write_sites(
+    out: Path, sites: int, counts: list[int], seed: int, image_size: int,
+    write_site: Callable[[Path, int, int, int, int], None], *, overwrite: bool = False,
+) -> list[Path]:
+    """Write each site with `write_site(folder, site, n_cases, seed, image_size)`, atomically per site."""
     out = Path(out)
-    counts = _case_counts(sites, cases)
+    _case_counts(sites, counts)
     if image_size < 16:
         raise SiteDataError(f"demo data: image_size must be at least 16 pixels, got {image_size}")
     targets = [out / f"site-{i}" for i in range(sites)]
@@ -254,7 +262,7 @@ def write_demo_sites(
         for site, (target, n_cases) in enumerate(zip(targets, counts)):
             fresh = staging / target.name
             fresh.mkdir()
-            _write_site(fresh, site, n_cases, seed, image_size)
+            write_site(fresh, site, n_cases, seed, image_size)
             if target.is_dir() and not target.is_symlink():
                 # Move the old copy aside first: a failure leaves the old or the new site, never a mix.
                 os.replace(target, staging / f"old-{target.name}")

@@ -32,13 +32,18 @@ def demo_data(
     seed: int = typer.Option(0, help="Same seed, same files."),
     cases: Optional[str] = typer.Option(None, help="Cases per site, e.g. '120,300,600'."),
     overwrite: bool = typer.Option(False, help="Replace existing site folders."),
+    task: str = typer.Option("classification", help="classification (labels.csv) | segmentation (DICOM SEG; "
+                             "--cases counts slices, in series of 10)."),
 ) -> None:
-    """Write real DICOM files and a labels.csv for each simulated hospital."""
-    from data_adapters import write_demo_sites
+    """Write real DICOM files and a labels.csv (or DICOM SEG masks) for each simulated hospital."""
+    from data_adapters import write_demo_segmentation_sites, write_demo_sites
 
+    if task not in ("classification", "segmentation"):
+        raise FedcareError(f"--task {task!r} must be classification or segmentation")
     counts = _int_list(cases, "--cases") if cases else None
+    writer = write_demo_segmentation_sites if task == "segmentation" else write_demo_sites
     with console.status(f"Writing demo DICOM for {sites} sites..."):
-        folders = write_demo_sites(out, sites=sites, seed=seed, cases=counts, overwrite=overwrite)
+        folders = writer(out, sites=sites, seed=seed, cases=counts, overwrite=overwrite)
     table = Table("site", "folder", "DICOM files")
     for folder in folders:
         table.add_row(folder.name, str(folder), str(sum(1 for p in folder.rglob("*") if p.is_file()) - 1))

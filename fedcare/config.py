@@ -14,7 +14,10 @@ from typing import Any, Mapping
 
 from fedcare.errors import ConfigError, FedcareError
 
-MODELS = ("small-cnn", "densenet121")
+MODELS = ("small-cnn", "densenet121", "unet")
+TASKS = ("classification", "segmentation")
+# The networks that answer each task: a classifier cannot segment, nor a U-Net classify.
+TASK_MODELS = {"classification": ("small-cnn", "densenet121"), "segmentation": ("unet",)}
 OPTIMIZERS = ("sgd", "adam")
 DATA_FORMATS = ("dicom", "nifti")
 INPUT_MODES = ("2d", "3d")
@@ -30,6 +33,7 @@ GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
 class RunConfig:
     """One federated run, as the server plans it. Field names are the config keys in snake case."""
 
+    task: str = "classification"
     num_server_rounds: int = 5
     local_epochs: int = 1
     batch_size: int = 32
@@ -110,13 +114,17 @@ class RunConfig:
             _fail("target_delta", self.target_delta, "must be 0 (automatic) or in (0, 1)")
         if self.site_budget_epsilon <= 0:
             _fail("site_budget_epsilon", self.site_budget_epsilon, "must be greater than 0")
-        for name, allowed in (("model", MODELS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
+        for name, allowed in (("task", TASKS), ("model", MODELS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
                               ("data_format", DATA_FORMATS), ("input_mode", INPUT_MODES),
                               ("irregular_series", IRREGULAR_SERIES), ("label_key", LABEL_KEYS),
                               ("accountant", ACCOUNTANTS),
                               ("grad_sample_mode", GRAD_SAMPLE_MODES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), "must be one of " + ", ".join(allowed))
+        if self.model not in TASK_MODELS[self.task]:
+            _fail("model", self.model, f"cannot do task '{self.task}'; use " + " or ".join(TASK_MODELS[self.task]))
+        if self.task == "segmentation" and self.input_mode != "2d":
+            _fail("input_mode", self.input_mode, "is not available for segmentation yet; use 2d (slices of each series)")
         parse_site_budgets(self.site_budgets)
         from data_adapters.transforms import parse_window  # the adapter owns what a window means
 

@@ -19,7 +19,7 @@ from flwr.app import Message
 
 from fedcare.errors import FedcareError
 
-ALLOWED_METRICS = {"train-loss", "num-examples", "loss", "accuracy", "auc"}
+ALLOWED_METRICS = {"train-loss", "num-examples", "loss", "accuracy", "auc", "dice"}
 # Strings a reply may carry: the site's name and the words of its privacy accounting, nothing else.
 ALLOWED_TEXT = {("site", "name"), ("privacy", "accountant"), ("privacy", "delta_rule"), ("privacy", "status")}
 PRIVACY_NUMBERS = {

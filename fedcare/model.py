@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from monai.networks.blocks import Convolution
-from monai.networks.nets import DenseNet121
+from monai.networks.nets import DenseNet121, UNet
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -20,8 +20,11 @@ from fedcare.errors import ConfigError
 NUM_CLASSES = 2
 GROUP_NORM = ("group", {"num_groups": 4})
 # How Opacus computes per-sample gradients for each network, when the run config says "auto":
-# the fastest mode that works, measured on 2 CPU cores by benchmarks/bench_dp.py.
-GRAD_SAMPLE_MODE = {"small-cnn": "hooks", "densenet121": "functorch"}
+# the fastest mode that works, measured on 2 CPU cores by benchmarks/bench_dp.py (the U-Net by
+# benchmarks/bench_segmentation.py: hooks 2.35x plain, functorch 2.55x, ew fails on PReLU).
+GRAD_SAMPLE_MODE = {"small-cnn": "hooks", "densenet121": "functorch", "unet": "hooks"}
+# Few channels: a site trains this on CPU under DP-SGD, where per-sample gradients cost memory per channel.
+UNET_CHANNELS = (8, 16, 32, 64)
 
 
 def build_model(config: RunConfig) -> nn.Module:
@@ -35,6 +38,8 @@ def build_model(config: RunConfig) -> nn.Module:
             spatial_dims=spatial_dims, in_channels=1, out_channels=NUM_CLASSES,
             norm=("group", {"num_groups": 32}), act=("relu", {"inplace": False}),
         )
+    elif config.model == "unet":
+        model = unet(spatial_dims)
     else:
         raise ConfigError(f"run config: 'model' = {config.model!r} has no factory")
     for module in model.modules():
@@ -56,6 +61,15 @@ def small_cnn(spatial_dims: int = 2, channels: tuple[int, ...] = (16, 32, 64)) -
     pool = nn.AdaptiveMaxPool3d(1) if spatial_dims == 3 else nn.AdaptiveMaxPool2d(1)
     layers += [pool, nn.Flatten(), nn.Linear(in_channels, NUM_CLASSES)]
     return nn.Sequential(*layers)
+
+
+def unet(spatial_dims: int = 2, channels: tuple[int, ...] = UNET_CHANNELS) -> nn.Module:
+    """MONAI's residual U-Net with instance norm and PReLU: no BatchNorm, nothing in place, so Opacus
+    trains it in hooks and functorch mode (SegResNet's `x += identity` is refused by Opacus' hooks)."""
+    return UNet(
+        spatial_dims=spatial_dims, in_channels=1, out_channels=NUM_CLASSES, channels=channels,
+        strides=(2,) * (len(channels) - 1), num_res_units=1, norm="instance", act="prelu",
+    )
 
 
 def check_private_trainable(model: nn.Module) -> None:

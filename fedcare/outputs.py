@@ -17,7 +17,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-METRICS = ("loss", "accuracy", "auc")
+# Every validation metric a site may report, in table order: classification sends loss, accuracy
+# and AUC; segmentation sends loss and Dice. The headline is the first of HEADLINE a run has.
+METRICS = ("loss", "accuracy", "auc", "dice")
+HEADLINE = ("auc", "dice")
+LABELS = {"loss": "val loss", "accuracy": "val accuracy", "auc": "val AUC", "dice": "val Dice"}
+AXIS_LABELS = {"auc": "validation ROC AUC of the global model", "dice": "validation mean Dice of the global model"}
 
 
 class RunFolder:
@@ -54,12 +59,18 @@ class RunFolder:
 
 
 def weighted_aggregate(sites: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Loss, accuracy and AUC over the sites that evaluated, weighted by their validation samples."""
+    """Every metric all evaluated sites reported, weighted by their validation samples."""
     evaluated = [s for s in sites.values() if s.get("evaluate_status") == "ok"]
     total = sum(s["num_examples"] for s in evaluated)
     if not total:
         return {}
-    return {m: sum(s[m] * s["num_examples"] for s in evaluated) / total for m in METRICS} | {"num_examples": total}
+    shared = [m for m in METRICS if all(m in s for s in evaluated)]
+    return {m: sum(s[m] * s["num_examples"] for s in evaluated) / total for m in shared} | {"num_examples": total}
+
+
+def headline_metric(figures: dict[str, Any]) -> str | None:
+    """The metric that ranks models: AUC for classification, Dice for segmentation."""
+    return next((m for m in HEADLINE if m in figures), None)
 
 
 def metrics_document(config: dict[str, Any], rounds: dict[int, dict[str, dict[str, Any]]],
@@ -77,21 +88,22 @@ def metrics_document(config: dict[str, Any], rounds: dict[int, dict[str, dict[st
 
 
 def metrics_plot(document: dict[str, Any]) -> bytes:
-    """metrics.png: validation AUC by round for every site, and the weighted global figure."""
+    """metrics.png: the headline metric (AUC or Dice) by round for every site, and the weighted global figure."""
     figure = Figure(figsize=(8, 5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    metric = next((m for item in document["rounds"] if (m := headline_metric(item["aggregate"]))), "auc")
     sites = sorted({site for item in document["rounds"] for site in item["sites"]})
     for site in sites:
-        points = [(item["round"], item["sites"][site]["auc"]) for item in document["rounds"]
-                  if "auc" in item["sites"].get(site, {})]
+        points = [(item["round"], item["sites"][site][metric]) for item in document["rounds"]
+                  if metric in item["sites"].get(site, {})]
         if points:
             axes.plot(*zip(*points), marker="o", alpha=0.7, label=site)
-    overall = [(item["round"], item["aggregate"]["auc"]) for item in document["rounds"] if "auc" in item["aggregate"]]
+    overall = [(item["round"], item["aggregate"][metric]) for item in document["rounds"] if metric in item["aggregate"]]
     if overall:
         axes.plot(*zip(*overall), marker="s", color="black", linewidth=2.5, label="all sites (weighted)")
     axes.set_xlabel("round")
-    axes.set_ylabel("validation ROC AUC of the global model")
+    axes.set_ylabel(AXIS_LABELS[metric])
     axes.set_ylim(0, 1.02)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
@@ -104,16 +116,19 @@ def metrics_plot(document: dict[str, Any]) -> bytes:
 def summary_markdown(document: dict[str, Any], run_id: str, notes: list[str]) -> str:
     """A short table a person reads: each site, each round, and the global model's figures."""
     lines = [f"# Federated run {run_id}", ""] + [f"- {note}" for note in notes] + [""]
-    lines += ["| round | site | training | val loss | val accuracy | val AUC | val cases |",
-              "|---|---|---|---|---|---|---|"]
+    # The columns of the metrics this run's sites reported (classification's three by default).
+    shown = [m for m in METRICS if any(m in e for item in document["rounds"] for e in item["sites"].values())]
+    shown = shown or list(METRICS[:3])
+    lines += ["| round | site | training | " + " | ".join(LABELS[m] for m in shown) + " | val cases |",
+              "|---|---|---|" + "---|" * len(shown) + "---|"]
     for item in document["rounds"]:
         for site, entry in item["sites"].items():
             training = entry.get("train_status", "-")
             if training != "ok" and entry.get("train_error"):
                 training += f" ({entry['train_error']})"
-            lines.append(f"| {item['round']} | {site} | {training} | " + _figures(entry)
+            lines.append(f"| {item['round']} | {site} | {training} | " + _figures(entry, shown)
                          + f" {entry.get('num_examples', '-')} |")
-        lines.append(f"| {item['round']} | **all sites** | | " + _figures(item["aggregate"])
+        lines.append(f"| {item['round']} | **all sites** | | " + _figures(item["aggregate"], shown)
                      + f" {item['aggregate'].get('num_examples', '-')} |")
     failures = [f for item in document["rounds"] for f in item["failures"]]
     lines += ["", "## Failures", ""]
@@ -121,8 +136,8 @@ def summary_markdown(document: dict[str, Any], run_id: str, notes: list[str]) ->
     return "\n".join(lines) + "\n"
 
 
-def _figures(entry: dict[str, Any]) -> str:
-    return " ".join(f"{entry[m]:.3f} |" if m in entry else "- |" for m in METRICS)
+def _figures(entry: dict[str, Any], shown: list[str]) -> str:
+    return " ".join(f"{entry[m]:.3f} |" if m in entry else "- |" for m in shown)
 
 
 def _failures(server_round: int, sites: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,5 +1,7 @@
 """Local work on one site: a training epoch loop, and evaluation with loss, accuracy and ROC AUC.
 
+Segmentation's loss and Dice evaluation live in `fedcare.segmentation`; the loop is shared.
+
 DP-SGD reuses the same epoch loop with Opacus' wrapped model, optimizer and loader
 (`fedcare.privacy.dpsgd`), so private and plain training differ only in what they are handed.
 """
@@ -60,9 +62,19 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return math.ceil(num_samples / batch_size)
 
 
-def train_epochs(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, epochs: int) -> float:
-    """Run `epochs` passes over `loader`; returns the mean training loss per sample."""
-    loss_fn = nn.CrossEntropyLoss()
+def task_loss(config: RunConfig) -> nn.Module:
+    """The training loss of the run's task; both are batch means of per-sample losses, as DP-SGD needs."""
+    if config.task == "segmentation":
+        from fedcare.segmentation import DiceCrossEntropy  # that module builds on this one
+
+        return DiceCrossEntropy()
+    return nn.CrossEntropyLoss()
+
+
+def train_epochs(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, epochs: int,
+                 loss_fn: nn.Module | None = None) -> float:
+    """Run `epochs` passes over `loader`; returns the mean training loss per sample (cross-entropy by default)."""
+    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
@@ -70,20 +82,36 @@ def train_epochs(model: nn.Module, loader: Iterable, optimizer: torch.optim.Opti
             # Poisson sampling may draw an empty batch: it must still be a (noise-only) step, since
             # the accountant counts every step and skipping one would depend on the data.
             optimizer.zero_grad()
+            if not len(labels):
+                noise_only_step(optimizer)
+                continue
             loss = loss_fn(model(images), labels)
             loss.backward()
             optimizer.step()
-            if len(labels):
-                total += loss.item() * len(labels)
-                count += len(labels)
+            total += loss.item() * len(labels)
+            count += len(labels)
     return total / max(count, 1)
+
+
+def noise_only_step(optimizer: torch.optim.Optimizer) -> None:
+    """A DP-SGD step for an empty Poisson batch: no sample contributes, the optimizer adds only noise.
+
+    The network is not run on zero samples (instance norm cannot normalise an empty batch); every
+    parameter gets empty per-sample gradients, which Opacus' optimizer clips and noises as usual.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.requires_grad:
+                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+    optimizer.step()
 
 
 def train_plain(model: nn.Module, dataset: Dataset, config: RunConfig, round_seed: int,
                 proximal_mu: float = 0.0) -> float:
     """Ordinary local training, used when the run switches DP off."""
     loader = make_loader(dataset, config.batch_size, round_seed, shuffle=True)
-    return train_epochs(model, loader, make_optimizer(model, config, proximal_mu), config.local_epochs)
+    return train_epochs(model, loader, make_optimizer(model, config, proximal_mu), config.local_epochs,
+                        task_loss(config))
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
 from fedcare.model import build_model, check_private_trainable
-from fedcare.outputs import RunFolder, metrics_document, metrics_plot, summary_markdown
+from fedcare.outputs import RunFolder, headline_metric, metrics_document, metrics_plot, summary_markdown
 from fedcare.privacy.report import write_privacy_report
 from server_app.checkpoint import Checkpoints
 from server_app.privacy_summary import privacy_report_data
@@ -88,7 +88,9 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     if stopped:
         notes.append(f"STOPPED: {stopped}")
     if document["rounds"]:
-        notes.append(f"Final weighted validation AUC: {document['rounds'][-1]['aggregate'].get('auc', float('nan')):.3f}"
-                     f"; best model by AUC: best_model.pt (AUC {checkpoints.best_auc:.3f})")
+        final = document["rounds"][-1]["aggregate"]
+        name = {"auc": "AUC", "dice": "mean Dice"}.get(headline_metric(final) or "auc", "AUC")
+        notes.append(f"Final weighted validation {name}: {final.get(headline_metric(final) or 'auc', float('nan')):.3f}"
+                     f"; best model by {name}: best_model.pt ({name} {checkpoints.best_auc:.3f})")
     folder.path("summary.md").write_text(summary_markdown(document, run_id, notes))
     return folder.publish()

@@ -2,7 +2,7 @@
 
 After every round the server saves, atomically, the global model, the strategy's own state (the
 server optimizer's moments for FedAdam), the round reached and the per-site log so far; the best
-model by weighted validation AUC is kept beside it. `resume = true` restores all of it. The sites
+model by weighted validation AUC (mean Dice for segmentation) is kept beside it. `resume = true` restores all of it. The sites
 need nothing from here: their ledgers already hold every round they trained.
 """
 
@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedcare.errors import FedcareError
-from fedcare.outputs import weighted_aggregate
+from fedcare.outputs import headline_metric, weighted_aggregate
 from server_app.recording import RoundLog
 
 # FedOpt strategies (FedAdam) keep the previous global model and the server optimizer's moments.
@@ -33,6 +33,7 @@ class Checkpoints:
         self.path = self.folder / "checkpoint.pt"
         self.best_path = self.folder / "best_model.pt"
         self.arrays: ArrayRecord | None = None
+        # The best weighted validation AUC (Dice for segmentation); the name is kept for old checkpoints.
         self.best_auc = float("-inf")
 
     def after_round(self, strategy: Any, config: dict[str, Any]) -> Callable[[int, ArrayRecord], MetricRecord | None]:
@@ -41,9 +42,11 @@ class Checkpoints:
         def save(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             this_round = server_round + strategy.round_offset
             self.arrays = arrays
-            auc = weighted_aggregate(strategy.log.rounds.get(this_round, {})).get("auc")
-            if this_round > 0 and auc is not None and auc > self.best_auc:
-                self.best_auc = auc
+            aggregate = weighted_aggregate(strategy.log.rounds.get(this_round, {}))
+            metric = headline_metric(aggregate)
+            score = aggregate[metric] if metric else None
+            if this_round > 0 and score is not None and score > self.best_auc:
+                self.best_auc = score
                 _save_atomic(arrays.to_torch_state_dict(), self.best_path)
             _save_atomic({
                 "round": this_round,

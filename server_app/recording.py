@@ -73,7 +73,8 @@ class RoundLog:
             if stage == "train":
                 entry.update(train_loss=metrics["train-loss"], num_train_examples=int(metrics["num-examples"]))
             else:
-                entry.update(loss=metrics["loss"], accuracy=metrics["accuracy"], auc=metrics["auc"],
+                # Whatever the task reports (loss, accuracy, auc; or loss, dice), filed under its own name.
+                entry.update({k: v for k, v in metrics.items() if k != "num-examples"},
                              num_examples=int(metrics["num-examples"]))
             usable.append(msg)
         for node in (m.metadata.dst_node_id for m in expected):

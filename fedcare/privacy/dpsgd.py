@@ -19,7 +19,7 @@ from fedcare.model import grad_sample_mode
 from fedcare.privacy.accounting import default_delta, epsilon, epsilon_after, noise_multiplier_for
 from fedcare.privacy.ledger import Ledger
 from fedcare.sites import Site
-from fedcare.training import make_loader, make_optimizer, steps_per_epoch, train_epochs
+from fedcare.training import make_loader, make_optimizer, steps_per_epoch, task_loss, train_epochs
 
 History = list[tuple[float, float, int]]
 
@@ -105,7 +105,7 @@ def train_private(
 ) -> tuple[float, float, int]:
     """Train one round under DP-SGD; returns (mean loss, cumulative epsilon, steps taken)."""
     private = private_training(model, dataset, config, plan, history, round_seed, proximal_mu)
-    loss = train_epochs(private.model, private.loader, private.optimizer, config.local_epochs)
+    loss = train_epochs(private.model, private.loader, private.optimizer, config.local_epochs, task_loss(config))
     steps = sum(step for _, _, step in private.engine.accountant.history) - sum(step for _, _, step in history)
     return loss, private.engine.get_epsilon(plan.delta), steps
 
