@@ -78,7 +78,7 @@ def hardened(tmp_path_factory):
 
         runner = threading.Thread(target=lambda: outcome.update(
             # min-sites 1: the round in which site-1 is killed goes on with site-0 alone.
-            folder=federation.run(3, {"min-sites": 1, "round-timeout": 120.0})))
+            folder=federation.run(3, {"min-sites": 1, "round-timeout": 300.0})))
         runner.start()
         ledger = Ledger(federation.site_state("site-1") / "ledger.jsonl")
         deadline = time.monotonic() + 240
