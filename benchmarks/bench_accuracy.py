@@ -1,5 +1,6 @@
 """Accuracy: final validation AUC on the demo for pooled training, each site alone, FedAvg, FedProx
-and FedAvg with DP at two budgets; what federation and privacy cost.
+(and, in full mode, FedAdam, FedMedian, FedTrimmedAvg) and FedAvg with DP at two budgets: what
+federation, the choice of strategy, and privacy cost.
 
 Every figure is the AUC on each site's own validation split, weighted by its number of validation
 samples (as metrics.json's aggregate). Centralised baselines run in one process with the no-DP
@@ -64,6 +65,9 @@ def run(quick: bool) -> list[dict]:
         "fedprox": no_dp | {"strategy": "fedprox"},
         f"fedavg-dp-eps{LOW_EPSILON:g}": dp_low,
     }
+    if not quick:
+        # The server-side strategies have no in-process twin: they are compared on real runs only.
+        federated |= {name: no_dp | {"strategy": name} for name in ("fedadam", "fedmedian", "fedtrimmedavg")}
     figures: dict[str, dict] = {}
     shared = dp_federation(quick)
     figures["fedavg-dp-eps8"] = {"auc": shared.final_auc, "source": "flwr run"}
