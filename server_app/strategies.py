@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
@@ -40,6 +40,13 @@ def make_strategy(config: RunConfig) -> Any:
         min_sites=config.min_sites, max_update_norm_ratio=config.max_update_norm_ratio,
         **parameters.get(config.strategy, {}),
     )
+
+
+def cast_like(arrays: ArrayRecord, model: ArrayRecord) -> ArrayRecord:
+    """The aggregate in the model's own dtypes: FedOpt strategies compute in float64, and a global
+    model that changed dtype would no longer match what the sites train and send back."""
+    return ArrayRecord({name: Array(arrays[name].numpy().astype(model[name].numpy().dtype, copy=False))
+                        for name in arrays.keys()})
 
 
 def guarded(strategy_class: type) -> type:
@@ -81,7 +88,8 @@ def guarded(strategy_class: type) -> type:
                     f"round {this_round}: {len(accepted)} usable update(s), min-sites is {self.min_sites}; "
                     "the run stopped at the last completed round and can continue with resume = true"
                 )
-            return super().aggregate_train(this_round, accepted)
+            arrays, metrics = super().aggregate_train(this_round, accepted)
+            return (cast_like(arrays, self.global_arrays) if arrays is not None else None), metrics
 
         def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
             this_round = server_round + self.round_offset

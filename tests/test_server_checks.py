@@ -116,3 +116,12 @@ def test_checkpoint_restores_round_log_and_refuses_another_model(tmp_path):
     with pytest.raises(FedcareError, match="unreadable"):
         Checkpoints(tmp_path).restore(make_strategy(CONFIG), set(global_model()))
     assert json.dumps(CONFIG.to_dict())
+
+
+def test_a_server_optimizer_keeps_the_models_dtypes():
+    strategy = make_strategy(RunConfig(strategy="fedadam", min_sites=1))
+    start = ArrayRecord(global_model())
+    strategy.global_arrays = start
+    strategy.current_arrays = {k: a.numpy() for k, a in start.items()}  # as FedAdam's configure_train keeps it
+    arrays, _ = strategy.aggregate_train(1, [reply(nudged(global_model(), 0.01, 1))])
+    assert {a.dtype for a in arrays.values()} == {a.dtype for a in start.values()}
