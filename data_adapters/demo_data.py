@@ -123,16 +123,20 @@ def _encode(hu: np.ndarray, scanner: _Scanner) -> np.ndarray:
     return np.clip(stored, lo, hi).astype(dtype)
 
 
+def file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
+    """Valid file meta for one demo instance, written little endian with explicit VRs."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
+
+
 def _case_dataset(site: int, case: int, scanner: _Scanner, pixels: np.ndarray, uids: dict[str, str]) -> Dataset:
     study, in_study = divmod(case, _INSTANCES_PER_SERIES)
     size = pixels.shape[0]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = uids["sop"]
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = file_meta(CTImageStorage, uids["sop"])
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.SOPClassUID = CTImageStorage

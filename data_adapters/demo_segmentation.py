@@ -15,15 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.pixels import pack_bits
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage
 
 from fedcare.errors import SiteDataError
 
-from .demo_data import _SCANNERS, _case_dataset, _encode, _render, _Scanner, _uid, write_sites
+from .demo_data import _SCANNERS, _case_dataset, _encode, _render, _Scanner, _uid, file_meta, write_sites
 
 __all__ = ["write_demo_segmentation_sites", "SEGMENTATION_CASES", "SLICES_PER_SERIES"]
 
@@ -57,12 +57,8 @@ def _slice_with_lesion(hu: np.ndarray, lesion: tuple | None, z: int) -> tuple[np
 
 def _seg_dataset(ct: list[Dataset], masks: list[np.ndarray], uids: dict[str, str], scanner: _Scanner) -> Dataset:
     """A DICOM SEG of one series: one binary frame per source slice, in reverse slice order."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SEGMENTATION_STORAGE
-    meta.MediaStorageSOPInstanceUID = uids["sop"]
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = file_meta(SEGMENTATION_STORAGE, uids["sop"])
     first = ct[0]
     for keyword in ("SpecificCharacterSet", "StudyInstanceUID", "StudyDate", "StudyID", "AccessionNumber",
                     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientIdentityRemoved",
