@@ -203,15 +203,16 @@ def deploy_local(
 
 
 def show_run(folder: Path) -> None:
-    """Print the final round per site and where the run's files are."""
+    """Print the final round per site (whatever metrics the task reports) and where the run's files are."""
     document = json.loads((folder / "metrics.json").read_text())
     last = document["rounds"][-1]
-    table = Table("site", "training", "val AUC", "val accuracy", "val cases", title=f"Round {last['round']}")
-    for site, entry in last["sites"].items():
-        table.add_row(site, entry.get("train_status", "-"), _fmt(entry.get("auc")),
-                      _fmt(entry.get("accuracy")), str(entry.get("num_examples", "-")))
     aggregate = last["aggregate"]
-    table.add_row("all sites", "", _fmt(aggregate.get("auc")), _fmt(aggregate.get("accuracy")),
+    metrics = [name for name in aggregate if name not in ("num_examples", "loss")]
+    table = Table("site", "training", *(f"val {name}" for name in metrics), "val cases", title=f"Round {last['round']}")
+    for site, entry in last["sites"].items():
+        table.add_row(site, entry.get("train_status", "-"), *(_fmt(entry.get(name)) for name in metrics),
+                      str(entry.get("num_examples", "-")))
+    table.add_row("all sites", "", *(_fmt(aggregate.get(name)) for name in metrics),
                   str(aggregate.get("num_examples", "-")))
     console.print(table)
     console.print(f"Run folder: {folder}")
