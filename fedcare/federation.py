@@ -37,6 +37,11 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
         path = Path(config.to_dict()[key])
         values[key] = str(path if path.is_absolute() else project / path)
     config = RunConfig.from_mapping(values)
+    missing = [f"site-{index}" for index in range(sites) if not (Path(config.data_root) / f"site-{index}").is_dir()]
+    if missing:
+        raise FedcareError(f"{config.data_root}: no folder {missing[0]} for simulated site {missing[0]}; write demo "
+                           f"sites with `fedcare demo-data --out {config.data_root} --sites {sites}` or set data-root "
+                           "to a folder holding site-0 ... site-N-1")
     outputs = Path(config.outputs_dir)
     home = (flwr_home or outputs / "flwr-home").resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -66,9 +71,11 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
     if status != 0 or after is None or after == before:
         raise FedcareError(f"the federated run did not complete (flwr exit status {status}); "
                            f"see {home / 'local-superlink' / 'superlink.log'}")
-    stopped = json.loads((after / "metrics.json").read_text()).get("stopped")
-    if stopped:
-        raise FedcareError(f"the run stopped early: {stopped}; what it did is in {after}")
+    document = json.loads((after / "metrics.json").read_text())
+    if document.get("stopped"):
+        failures = [f"{f['site']}: {f['reason']}" for f in document["rounds"][-1]["failures"]] if document["rounds"] else []
+        cause = f" (first failure: {failures[0]})" if failures else ""
+        raise FedcareError(f"the run stopped early: {document['stopped']}{cause}; what it did is in {after}")
     return after
 
 
