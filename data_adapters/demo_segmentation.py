@@ -28,7 +28,7 @@ from .demo_data import _SCANNERS, _case_dataset, _encode, _render, _Scanner, _ui
 __all__ = ["write_demo_segmentation_sites", "SEGMENTATION_CASES", "SLICES_PER_SERIES"]
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-SEGMENTATION_CASES = (60, 100, 160)  # slices per site; whole series of SLICES_PER_SERIES each
+SEGMENTATION_CASES = (120, 200, 320)  # slices per site; whole series of SLICES_PER_SERIES each
 SLICES_PER_SERIES = 10
 
 
@@ -37,7 +37,7 @@ def _lesion(rng: np.random.Generator, size: int) -> tuple[float, float, float, f
     scale = size / 64.0
     x, y = size / 2 + rng.uniform(-0.12, 0.12, size=2) * size  # well inside the body's soft tissue
     first = int(rng.integers(1, SLICES_PER_SERIES - 6))  # five to seven of the series' ten slices
-    return x, y, float(rng.uniform(4.5, 8.0) * scale), float(rng.uniform(70, 120)), first, first + int(rng.integers(4, 7))
+    return x, y, float(rng.uniform(4.5, 8.0) * scale), float(rng.uniform(140, 240)), first, first + int(rng.integers(4, 7))
 
 
 def _slice_with_lesion(hu: np.ndarray, lesion: tuple | None, z: int) -> tuple[np.ndarray, np.ndarray]:
