@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from common import interleaved, median_ratio, row  # noqa: E402
 from opacus import PrivacyEngine  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
@@ -66,25 +67,18 @@ def run(quick: bool) -> list[dict]:
             steppers[mode] = _stepper(mode)
         except Exception as err:  # a mode Opacus cannot apply to this network is a result, not a crash
             raw[mode] = {"works": False, "error": f"{type(err).__name__}: {str(err)[:120]}"}
-    times: dict[str, list[float]] = {name: [] for name in steppers}
-    for _ in range(repeats):
-        for name, step in steppers.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(steppers, repeats)
     plain = statistics.median(times["plain"])
     raw["plain"] = {"ms_per_step": round(1000 * plain, 1)}
     for mode in steppers.keys() - {"plain"}:
-        ratios = [t / p for t, p in zip(times[mode], times["plain"])]
         raw[mode] = {"works": True, "ms_per_step": round(1000 * statistics.median(times[mode]), 1),
-                     "ratio": round(statistics.median(ratios), 3)}
+                     "ratio": round(median_ratio(times, mode, "plain"), 3)}
     working = [m for m in MODES if raw[m].get("works")]
     chosen = grad_sample_mode(CONFIG)
     raw["chosen"] = chosen
     raw["fastest"] = min(working, key=lambda m: raw[m]["ratio"]) if working else None
     ratio = raw[chosen]["ratio"] if raw.get(chosen, {}).get("works") else float("nan")
-    return [{"name": "unet-dp-overhead", "ratio": ratio, "target": TARGET, "higher_is_better": False,
-             "raw": raw, "command": COMMAND}]
+    return [row("unet-dp-overhead", ratio, TARGET, raw, COMMAND)]
 
 
 if __name__ == "__main__":
