@@ -5,6 +5,7 @@ Every user mistake ends in one line on stderr naming the file or setting, and a 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -19,7 +20,7 @@ from rich.table import Table
 from fedcare.errors import FedcareError
 
 if TYPE_CHECKING:
-    from fedcare.egress import Audit
+    from fedcare.egress import Audit, ModelShapes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console()
@@ -97,16 +98,20 @@ def audit_command(
 
 
 def audit_site_log(log: Path) -> "Audit":
-    """Audit one egress log against every model the project can build; keep the verdict beside the log."""
-    from fedcare.config import MODELS, RunConfig
+    """Audit one egress log against the models it names; keep the verdict beside the log."""
     from fedcare.egress import audit
-    from fedcare.model import build_model
 
-    shapes = {name: {k: list(v.shape) for k, v in build_model(RunConfig(model=name)).state_dict().items()}
-              for name in MODELS}
-    result = audit(log, shapes)
+    result = audit(log, _model_shapes())
     (log.parent / "egress_audit.txt").write_text("\n".join([f"Egress audit of {log.name}"] + audit_lines(result)) + "\n")
     return result
+
+
+@functools.lru_cache(maxsize=1)
+def _model_shapes() -> "ModelShapes":
+    # One set for every site audited in this process: each model is built once, not once per log.
+    from fedcare.egress import ModelShapes
+
+    return ModelShapes()
 
 
 def audit_lines(result: "Audit") -> list[str]:

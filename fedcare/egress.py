@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 from flwr.app import Message
 
@@ -61,6 +61,34 @@ def append_entry(log_path: Path, entry: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+class ModelShapes(Mapping[str, dict[str, list[int]]]):
+    """Parameter shapes of each model the project builds, each built once and only when a log names it."""
+
+    def __init__(self) -> None:
+        self._built: dict[str, dict[str, list[int]]] = {}
+
+    def __getitem__(self, name: str) -> dict[str, list[int]]:
+        from fedcare.config import MODELS, RunConfig
+        from fedcare.model import build_model
+
+        if name not in MODELS:
+            raise KeyError(name)
+        if name not in self._built:
+            state = build_model(RunConfig(model=name)).state_dict()
+            self._built[name] = {key: list(value.shape) for key, value in state.items()}
+        return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        from fedcare.config import MODELS
+
+        return iter(MODELS)
+
+    def __len__(self) -> int:
+        from fedcare.config import MODELS
+
+        return len(MODELS)
+
+
 @dataclass
 class Audit:
     """What an egress log shows: counts, bytes, and every line that breaks the rules."""
@@ -75,7 +103,7 @@ class Audit:
         return not self.violations
 
 
-def audit(log_path: Path, model_shapes: dict[str, dict[str, list[int]]]) -> Audit:
+def audit(log_path: Path, model_shapes: Mapping[str, dict[str, list[int]]]) -> Audit:
     """Check every line of a site's egress log; `model_shapes` maps model name -> {array: shape}."""
     if not log_path.is_file():
         raise FedcareError(f"{log_path}: egress log not found; a site's log is <state folder>/egress.jsonl")
@@ -93,7 +121,7 @@ def audit(log_path: Path, model_shapes: dict[str, dict[str, list[int]]]) -> Audi
     return result
 
 
-def _entry_problems(entry: dict[str, Any], model_shapes: dict[str, dict[str, list[int]]]) -> list[str]:
+def _entry_problems(entry: dict[str, Any], model_shapes: Mapping[str, dict[str, list[int]]]) -> list[str]:
     problems = []
     shapes = model_shapes.get(entry["model"])
     if shapes is None:
