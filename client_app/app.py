@@ -91,7 +91,9 @@ def train_within_budget(msg: Message, context: Context, work: Work, round_seed: 
 
     loss, epsilon, steps = train_private(work.model, work.data.train, config, plan, history, round_seed, proximal_mu)
     record_round(ledger, plan, str(context.run_id), work.server_round, epsilon, steps)
-    privacy.update(status="ok", epsilon=epsilon, steps=steps, **_history_lists(ledger.history()))
+    # The lifetime history now ends with this round; no need to read the ledger back.
+    privacy.update(status="ok", epsilon=epsilon, steps=steps,
+                   **_history_lists([*history, (plan.noise_multiplier, plan.sample_rate, steps)]))
     log.info("%s round %d trained: epsilon %.3f of %.3f", site.name, work.server_round, epsilon, plan.budget_epsilon)
     return _reply(msg, work, loss, ConfigRecord(privacy))
 
