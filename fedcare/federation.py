@@ -2,18 +2,17 @@
 
 Flower keeps its connections and the local SuperLink's state under `FLWR_HOME`; we point it inside
 the project's outputs, give the SuperLink ports of its own (a SuperLink already listening on
-Flower's default ports, say a user's own, would otherwise be reused) and stop it when done.
+Flower's default ports, say a user's own, would otherwise be reused) and stop it, with every
+process it started, when done.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import tomli_w
 
 from fedcare.config import RunConfig, read_preset
 from fedcare.errors import FedcareError
+from fedcare.processes import TAG, free_port, stop_tagged
 
 PATH_KEYS = ("data-root", "sites-dir", "outputs-dir")
 
@@ -49,10 +49,14 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
     merged = home / "run-config.toml"
     merged.write_text(tomli_w.dumps(values))
 
+    tag = f"simulation/{uuid.uuid4().hex}"
     env = os.environ | {
         "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        # `flwr` starts the SuperLink detached and it forks the simulation and its workers; all of
+        # them inherit this tag, which is how they are found and stopped afterwards.
+        TAG: tag,
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         # The app runs in this environment, already installed; never let the SuperLink `uv sync`
         # a second copy of torch from the network at run time.
@@ -66,7 +70,7 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
     try:
         status = subprocess.run(command, cwd=project, env=env).returncode
     finally:
-        stop_local_superlink(home)
+        stop_tagged(tag)
     after = _latest(outputs)
     if status != 0 or after is None or after == before:
         raise FedcareError(f"the federated run did not complete (flwr exit status {status}); "
@@ -79,44 +83,6 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
     return after
 
 
-def stop_local_superlink(home: Path) -> None:
-    """Stop the SuperLink (and its simulation) that `flwr run` started under this FLWR_HOME."""
-    marker = str(home / "local-superlink")
-    for pid in _pids_with_argument(marker):
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-    deadline = time.monotonic() + 10
-    while _pids_with_argument(marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in _pids_with_argument(marker):
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def _latest(outputs: Path) -> Path | None:
     link = outputs / "latest"
     return link.resolve() if link.is_symlink() else None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _pids_with_argument(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            arguments = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "flower-superlink" in arguments and text in arguments:
-            pids.append(int(entry.name))
-    return pids

@@ -1,4 +1,5 @@
-"""Start Flower processes in their own process groups and stop every one of them, whatever happens.
+"""Start Flower processes in their own process groups and stop every one of them, whatever happens;
+and the free loopback ports they listen on. Used by the local simulation and the loopback deployment.
 
 Each SuperLink and SuperNode forks helpers (SuperExec, the ServerApp, ClientApps), and Flower starts
 some of them in sessions of their own, so a process group alone does not reach them all. Every
@@ -97,6 +98,24 @@ def last_line(log: Path) -> str:
     return lines[-1].strip() if lines else "(empty log)"
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop_tagged(prefix: str, grace: float = 10.0) -> None:
+    """SIGTERM every live process whose tag starts with `prefix`, then SIGKILL what outlives `grace`."""
+    for pid in tagged_pids(prefix):
+        _kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while tagged_pids(prefix) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in tagged_pids(prefix):
+        _kill(pid)
+
+
 def tagged_pids(prefix: str, exact: bool = False) -> list[int]:
     """Live processes whose environment carries a tag starting with (or, if `exact`, equal to) `prefix`."""
     needle = f"{TAG}={prefix}".encode()
@@ -113,9 +132,9 @@ def tagged_pids(prefix: str, exact: bool = False) -> list[int]:
     return found
 
 
-def _kill(pid: int) -> None:
+def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 

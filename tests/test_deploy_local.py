@@ -17,7 +17,7 @@ import pytest
 from data_adapters import write_demo_sites
 from fedcare.deploy.local import LocalFederation, check_run
 from fedcare.deploy.credentials import make_site_key
-from fedcare.deploy.processes import TAG
+from fedcare.processes import TAG
 from fedcare.privacy.ledger import Ledger
 
 pytestmark = pytest.mark.slow

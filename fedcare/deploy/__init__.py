@@ -4,10 +4,7 @@
   the checks that turn a wrong or missing file into one line naming it;
 - `entrypoint`: what a container (or a test) starts: the coordinator's SuperLink or a site's
   SuperNode, built from environment variables and checked before Flower sees them;
-- `processes`: starting and stopping Flower processes by process group;
 - `local`: the whole hospital path on loopback (`make deploy-local`).
+
+Starting and stopping the Flower processes, and picking free ports, is `fedcare.processes`.
 """
-
-from fedcare.federation import _free_port as free_port  # one implementation of "a free loopback port"
-
-__all__ = ["free_port"]

@@ -18,9 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedcare.deploy import free_port
 from fedcare.deploy.credentials import make_credentials
-from fedcare.deploy.processes import Processes, wait_for_port
+from fedcare.processes import Processes, free_port, wait_for_port
 from fedcare.deploy.register import CONNECTION, flwr_env, register_sites, site_keys
 from fedcare.errors import FedcareError
 
