@@ -16,14 +16,15 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from client_app.egress import egress_log
-from data_adapters import SiteDatasets, segmentation_datasets, site_datasets
+from data_adapters import SiteDatasets, segmentation_datasets, segmentation_volume_datasets, site_datasets
+from data_adapters.transforms import parse_patch_size
 from fedcare.config import RunConfig
 from fedcare.errors import SITE_ERROR_CODE, FedcareError, site_error_reason
 from fedcare.model import build_model, check_private_trainable
 from fedcare.privacy.dpsgd import plan_round, record_round, train_private
 from fedcare.privacy.ledger import Ledger
 from fedcare.sites import Site, site_from_node_config
-from fedcare.segmentation import evaluate_segmentation
+from fedcare.segmentation import evaluate_segmentation, evaluate_volumes
 from fedcare.training import evaluate, train_plain
 
 app = ClientApp(mods=[egress_log])
@@ -45,19 +46,34 @@ def start(msg: Message, context: Context) -> Work:
     """Resolve the site, read its data and load the global model the server sent."""
     config = RunConfig.from_mapping(context.run_config)
     site = site_from_node_config(context.node_config, config)
-    if config.task == "segmentation":
-        data = segmentation_datasets(Path(site.data_path), config.val_fraction, config.seed, config.image_size,
-                                     window=config.window)
-    else:
-        data = site_datasets(
-            Path(site.data_path), config.val_fraction, config.seed, config.image_size, window=config.window,
-            input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
-            data_format=config.data_format,
-            cache_dir=(site.state_path / config.cache_dir) if config.cache_dir else None,
-        )
+    server_round = int(msg.content["config"]["server-round"])
     model = build_model(config)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return Work(config, site, data, model, int(msg.content["config"]["server-round"]))
+    return Work(config, site, site_data(config, site, server_round), model, server_round)
+
+
+def seed_for_round(config: RunConfig, server_round: int) -> int:
+    """The seed of one round's local randomness (batches, patches): new each round, fixed by the run's seed."""
+    return config.seed * 1000 + server_round
+
+
+def site_data(config: RunConfig, site: Site, server_round: int) -> SiteDatasets:
+    """The site's train/validation datasets for the run's task and input mode."""
+    folder = Path(site.data_path)
+    if config.task == "segmentation" and config.input_mode == "3d":
+        return segmentation_volume_datasets(
+            folder, config.val_fraction, config.seed, window=config.window, spacing=config.spacing,
+            patch_size=config.patch_size, irregular=config.irregular_series,
+            patch_seed=seed_for_round(config, server_round),
+        )
+    if config.task == "segmentation":
+        return segmentation_datasets(folder, config.val_fraction, config.seed, config.image_size, window=config.window)
+    return site_datasets(
+        folder, config.val_fraction, config.seed, config.image_size, window=config.window,
+        input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
+        data_format=config.data_format,
+        cache_dir=(site.state_path / config.cache_dir) if config.cache_dir else None,
+    )
 
 
 @app.train()
@@ -65,12 +81,12 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local training on this site's data: DP-SGD unless the run switches it off."""
     try:
         work = start(msg, context)
-        round_seed = work.config.seed * 1000 + work.server_round
+        seed = seed_for_round(work.config, work.server_round)
         proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx only
         if not work.config.dp:
-            loss = train_plain(work.model, work.data.train, work.config, round_seed, proximal_mu)
+            loss = train_plain(work.model, work.data.train, work.config, seed, proximal_mu)
             return _reply(msg, work, loss, ConfigRecord({"dp": False}))
-        return train_within_budget(msg, context, work, round_seed, proximal_mu)
+        return train_within_budget(msg, context, work, seed, proximal_mu)
     except FedcareError as err:
         return _failure(msg, context, err)
 
@@ -103,12 +119,21 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's held-out validation split (loss, accuracy, AUC; or loss, Dice)."""
     try:
         work = start(msg, context)
-        evaluate_task = evaluate_segmentation if work.config.task == "segmentation" else evaluate
-        metrics = evaluate_task(work.model, work.data.val, work.config.batch_size)
+        metrics = evaluate_site(work)
         metrics["num-examples"] = work.data.num_val
         return Message(RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(work.site)}), reply_to=msg)
     except FedcareError as err:
         return _failure(msg, context, err)
+
+
+def evaluate_site(work: Work) -> dict[str, float]:
+    """The task's metrics of the global model on the site's validation split; segmentation's key is "dice"."""
+    config, model, val = work.config, work.model, work.data.val
+    if config.task != "segmentation":
+        return evaluate(model, val, config.batch_size)
+    if config.input_mode == "3d":
+        return evaluate_volumes(model, val, parse_patch_size(config.patch_size), config.batch_size)
+    return evaluate_segmentation(model, val, config.batch_size)
 
 
 def _reply(msg: Message, work: Work, loss: float, privacy: ConfigRecord) -> Message:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .readiness import check_site
     from .seg import label_volume, read_segmentation
     from .segmentation import read_segmentation_site, segmentation_datasets
+    from .segmentation_volumes import read_segmentation_volumes, segmentation_volume_datasets
     from .transforms import WINDOW_PRESETS, Preprocess
     from .volumes import plan_volume, stack_volume
 
@@ -54,6 +55,8 @@ _HOME = {
     "write_demo_segmentation_sites": "demo_segmentation",
     "read_segmentation_site": "segmentation",
     "segmentation_datasets": "segmentation",
+    "read_segmentation_volumes": "segmentation_volumes",
+    "segmentation_volume_datasets": "segmentation_volumes",
 }
 __all__ = sorted(_HOME)
 

@@ -5,11 +5,13 @@ is placed on its source slice by the referenced SOP instance (`seg.label_volume`
 order. Several segments, or several SEGs of one series, merge into one lesion class. Items are
 `(image[1, H, W] float32, mask[H, W] int64)` tuples (tuples, because Opacus' Poisson sampling can
 draw an empty batch). The split is by series, stratified by whether a series holds a lesion, so
-no patient's neighbouring slices sit on both sides.
+no patient's neighbouring slices sit on both sides. Reading a series and its SEGs
+(`segmented_series`) is shared with the 3D path in segmentation_volumes.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,21 +29,39 @@ from .headers import Unusable
 from .index import index_site
 from .seg import SEGMENTATION_STORAGE, label_volume, read_segmentation, segmentations_by_series
 from .transforms import Preprocess, Window
-from .volumes import plan_volume, series_slices
+from .volumes import VolumePlan, plan_volume, series_slices
 
-__all__ = ["SegmentationSite", "read_segmentation_site", "segmentation_datasets"]
+__all__ = ["SegmentationSite", "SegmentedSeries", "SeriesTally", "no_segmented_series", "read_segmentation_site",
+           "segmentation_datasets", "segmented_series"]
 
 
 @dataclass
-class SegmentationSite:
+class SeriesTally:
+    """What a site's reading left out, as counts and reasons that are safe to report."""
+
+    unsegmented: int = 0  # image series that no SEG references
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+
+@dataclass
+class SegmentationSite(SeriesTally):
     """A site's segmented slices. `uids` (source SOPInstanceUIDs) and `groups` stay on the site."""
 
     images: list[np.ndarray] = field(default_factory=list)  # [H, W] float32 in [0, 1]
     masks: list[np.ndarray] = field(default_factory=list)  # [H, W] int64, 0 background, 1 lesion
     uids: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)  # SeriesInstanceUID of each slice
-    unsegmented: int = 0  # image series that no SEG references
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+
+@dataclass
+class SegmentedSeries:
+    """One image series with its merged SEG labels, both in the plan's slice order (on the site only)."""
+
+    uid: str  # SeriesInstanceUID
+    plan: VolumePlan
+    frames: list[np.ndarray]  # [H, W] physical values (HU for CT), one per planned slice
+    labels: np.ndarray  # [Z, H, W] uint8, 0 background, segment numbers elsewhere
+    sop_uids: list[str]  # source SOPInstanceUID of each planned slice
 
 
 def _resize_mask(labels: np.ndarray, size: int) -> np.ndarray:
@@ -50,18 +70,19 @@ def _resize_mask(labels: np.ndarray, size: int) -> np.ndarray:
     return F.interpolate(tensor, size=(size, size), mode="nearest")[:, 0].numpy().astype(np.int64)
 
 
-def read_segmentation_site(folder: Path, preprocess: Preprocess) -> SegmentationSite:
-    """Decode every segmented series of `folder` into windowed, resized slices and aligned masks."""
-    folder = require_folder(folder)
+def segmented_series(folder: Path, tally: SeriesTally) -> Iterator[SegmentedSeries]:
+    """Every image series of `folder` that a SEG references, decoded one at a time to bound memory.
+
+    Series without a SEG and series that cannot be decoded are counted on `tally` and skipped.
+    """
     index = index_site(folder)
     segs = segmentations_by_series(index)
-    site = SegmentationSite()
     for (_, series_uid), members in sorted(index.series().items()):
         images = [h for h in members if h.sop_class != SEGMENTATION_STORAGE]
         if not images:
             continue
         if series_uid not in segs:
-            site.unsegmented += 1
+            tally.unsegmented += 1
             continue
         plan = plan_volume(series_slices(images), images[0].pixel_spacing, images[0].slice_thickness)
         labels = np.zeros((len(plan.slices), images[0].rows, images[0].columns), dtype=np.uint8)
@@ -70,17 +91,30 @@ def read_segmentation_site(folder: Path, preprocess: Preprocess) -> Segmentation
                 labels = np.maximum(labels, label_volume(read_segmentation(folder / header.path), plan, images))
             decoded = {h.path: read_file(folder / h.path)[1] for h in images}
         except Unusable as reason:
-            site.failures.append((images[0].path, str(reason)))
+            tally.failures.append((images[0].path, str(reason)))
             continue
-        hu = np.stack([decoded[s.path][s.frame] for s in plan.slices])
         sop_of = {h.path: h.sop_uid for h in images}
-        site.images += list(preprocess(hu))
-        site.masks += list(_resize_mask((labels > 0).astype(np.uint8), preprocess.image_size))
-        site.uids += [sop_of[s.path] for s in plan.slices]
-        site.groups += [series_uid] * len(plan.slices)
+        yield SegmentedSeries(series_uid, plan, [decoded[s.path][s.frame] for s in plan.slices], labels,
+                              [sop_of[s.path] for s in plan.slices])
+
+
+def no_segmented_series(folder: Path, tally: SeriesTally) -> SiteDataError:
+    """The error for a site folder that yielded nothing to train on."""
+    return SiteDataError(f"data folder {folder} holds no image series with a DICOM SEG that references it "
+                         f"({tally.unsegmented} series without one): export the segmentations with the images")
+
+
+def read_segmentation_site(folder: Path, preprocess: Preprocess) -> SegmentationSite:
+    """Decode every segmented series of `folder` into windowed, resized slices and aligned masks."""
+    folder = require_folder(folder)
+    site = SegmentationSite()
+    for series in segmented_series(folder, site):
+        site.images += list(preprocess(np.stack(series.frames)))
+        site.masks += list(_resize_mask((series.labels > 0).astype(np.uint8), preprocess.image_size))
+        site.uids += series.sop_uids
+        site.groups += [series.uid] * len(series.frames)
     if not site.images:
-        raise SiteDataError(f"data folder {folder} holds no image series with a DICOM SEG that references it "
-                            f"({site.unsegmented} series without one): export the segmentations with the images")
+        raise no_segmented_series(folder, site)
     return site
 
 

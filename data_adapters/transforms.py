@@ -4,6 +4,9 @@ Windows are named presets (CT in HU) or an explicit "low,high" pair; "minmax" sc
 by its own 0.5-99.5 percentiles, for modalities without a physical scale (MR, CR, US). The steps
 act on a whole stack of frames at once, so decoding a multi-frame file costs one call, and they
 match today's MONAI pipeline (ScaleIntensityRange with clipping, then an area Resize).
+
+3D segmentation resamples to a voxel spacing instead of resizing; its spacing and patch size are
+written "x y z", as people read a scan, and parsed here into the [D, H, W] axis order of a volume.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch.nn.functional as F
 
 from fedcare.errors import SiteDataError
 
-__all__ = ["WINDOW_PRESETS", "Preprocess", "parse_window", "apply_window", "resize_frames", "resize_volume"]
+__all__ = ["WINDOW_PRESETS", "Preprocess", "parse_window", "parse_spacing", "parse_patch_size", "apply_window",
+           "resize_frames", "resize_volume"]
 
 # (low, high) in HU; soft tissue is the project's long-standing default.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -60,6 +64,33 @@ def parse_window(value: Window | list[float]) -> Window:
     if not high > low:
         raise SiteDataError(f"intensity window must have low < high, got {value!r}: swap or widen it")
     return (low, high)
+
+
+def _three(text: str, setting: str, unit: str, example: str) -> tuple[float, float, float]:
+    """'x y z' (spaces or commas) -> three positive numbers, or a one-line error naming the setting."""
+    try:
+        values = tuple(float(v) for v in str(text).replace(",", " ").split())
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise SiteDataError(f"{setting} {text!r} must be three positive numbers in {unit}, x y z "
+                            f"(along a row, down a column, between slices), e.g. \"{example}\"")
+    return values  # type: ignore[return-value]
+
+
+def parse_spacing(text: str) -> tuple[float, float, float]:
+    """Target voxel spacing 'x y z' in mm -> (z, y, x), the axis order of a [D, H, W] volume."""
+    x, y, z = _three(text, "spacing", "mm", "1.0 1.0 2.0")
+    return z, y, x
+
+
+def parse_patch_size(text: str) -> tuple[int, int, int]:
+    """Patch size 'x y z' in voxels -> (z, y, x), the axis order of a [D, H, W] volume."""
+    values = _three(text, "patch-size", "voxels", "32 32 8")
+    if not all(float(v).is_integer() for v in values):
+        raise SiteDataError(f"patch-size {text!r} must be whole numbers of voxels, x y z, e.g. \"32 32 8\"")
+    x, y, z = (int(v) for v in values)
+    return z, y, x
 
 
 def apply_window(frames: np.ndarray, window: Window) -> np.ndarray:

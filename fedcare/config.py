@@ -46,6 +46,8 @@ class RunConfig:
     window: str = "soft-tissue"
     label_key: str = ""
     irregular_series: str = "exclude"
+    spacing: str = "1.0 1.0 2.0"
+    patch_size: str = "32 32 8"
     cache_dir: str = "decode-cache"
     val_fraction: float = 0.2
     seed: int = 42
@@ -123,15 +125,22 @@ class RunConfig:
                 _fail(name, getattr(self, name), "must be one of " + ", ".join(allowed))
         if self.model not in TASK_MODELS[self.task]:
             _fail("model", self.model, f"cannot do task '{self.task}'; use " + " or ".join(TASK_MODELS[self.task]))
-        if self.task == "segmentation" and self.input_mode != "2d":
-            _fail("input_mode", self.input_mode, "is not available for segmentation yet; use 2d (slices of each series)")
         parse_site_budgets(self.site_budgets)
-        from data_adapters.transforms import parse_window  # the adapter owns what a window means
+        # The adapter owns what a window, a spacing and a patch size mean.
+        from data_adapters.transforms import parse_patch_size, parse_spacing, parse_window
 
-        try:
-            parse_window(self.window)
-        except FedcareError as err:
-            raise ConfigError(f"run config: 'window': {err}") from None
+        for key, parse in (("window", parse_window), ("spacing", parse_spacing), ("patch-size", parse_patch_size)):
+            try:
+                parse(getattr(self, key.replace("-", "_")))
+            except FedcareError as err:
+                raise ConfigError(f"run config: '{key}': {err}") from None
+        if self.task == "segmentation" and self.input_mode == "3d":
+            from fedcare.model import unet_size_multiple  # the model module builds on this one
+
+            multiple = unet_size_multiple()
+            if any(size % multiple for size in parse_patch_size(self.patch_size)):
+                _fail("patch_size", self.patch_size, f"must be a multiple of {multiple} voxels in x, y and z "
+                      "(each level of the U-Net halves it), e.g. \"32 32 8\"")
 
 
 def parse_site_budgets(text: str) -> dict[str, float]:

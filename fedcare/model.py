@@ -23,6 +23,13 @@ GROUP_NORM = ("group", {"num_groups": 4})
 # the fastest mode that works, measured on 2 CPU cores by benchmarks/bench_dp.py (the U-Net by
 # benchmarks/bench_segmentation.py: hooks 2.35x plain, functorch 2.55x, ew fails on PReLU).
 GRAD_SAMPLE_MODE = {"small-cnn": "hooks", "densenet121": "functorch", "unet": "hooks"}
+# In 3D the ranking turns: hooks get a convolution's per-sample gradient by unfolding its input
+# (27 copies of each voxel for a 3x3x3 kernel), dearer than functorch's vmapped backward as patches
+# grow. The 3D U-Net, one DP-SGD step, 1 thread, interleaved (ms, hooks / functorch / plain):
+# batch 4 of 32x32x8 patches 48.5 / 47.8 / 16.8 (benchmarks/bench_segmentation.py, unet3d-dp-overhead);
+# batch 8 of them 76.0 / 70.4 / 27.9; batch 4 of 48x48x16 138 / 115 / 54; batch 8 of 64^3
+# 1989 / 1454 / 865 (UNET_CHANNELS 8-64). Networks not listed keep their 2D mode.
+GRAD_SAMPLE_MODE_3D = {"unet": "functorch"}
 # Few channels: a site trains this on CPU under DP-SGD, where per-sample gradients cost memory per channel.
 UNET_CHANNELS = (8, 16, 32, 64)
 
@@ -86,4 +93,13 @@ def check_private_trainable(model: nn.Module) -> None:
 
 def grad_sample_mode(config: RunConfig) -> str:
     """The per-sample gradient mode for this run's network (measured choice unless the config names one)."""
-    return GRAD_SAMPLE_MODE[config.model] if config.grad_sample_mode == "auto" else config.grad_sample_mode
+    if config.grad_sample_mode != "auto":
+        return config.grad_sample_mode
+    if config.input_mode == "3d":
+        return GRAD_SAMPLE_MODE_3D.get(config.model, GRAD_SAMPLE_MODE[config.model])
+    return GRAD_SAMPLE_MODE[config.model]
+
+
+def unet_size_multiple(channels: tuple[int, ...] = UNET_CHANNELS) -> int:
+    """What each side of a U-Net input must divide by: every level below the top halves it."""
+    return 2 ** (len(channels) - 1)

@@ -5,16 +5,20 @@ Opacus computes per-sample gradients from a loss that is the batch mean of per-s
 `loss_reduction="mean"`). `DiceCrossEntropy` is exactly that: each sample's soft Dice over its own
 pixels plus its own mean pixel cross-entropy, averaged over the batch. A batch-pooled Dice
 (`batch=True` in MONAI) would couple the samples of a batch and make per-sample clipping wrong.
+
+In 3D a site trains on patches but is scored on whole validation volumes (`evaluate_volumes`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import Dataset
 
+from fedcare.errors import SiteDataError
 from fedcare.training import make_loader
 
 FOREGROUND = 1
@@ -63,3 +67,27 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, batch_size: int) -
         dices.append(dice_per_sample(logits.argmax(dim=1), masks))
     dice = np.concatenate(dices)
     return {"loss": total_loss / len(dice), "dice": float(dice.mean())}
+
+
+@torch.no_grad()
+def evaluate_volumes(model: nn.Module, dataset: Dataset, patch_size: tuple[int, int, int],
+                     batch_size: int) -> dict[str, float]:
+    """Loss and mean lesion Dice per whole validation volume, by sliding-window inference.
+
+    The network sees patch-sized windows only, as in training (`patch_size` in the volume's
+    [D, H, W] order); windows overlap by a quarter and are blended with Gaussian weights, so patch
+    borders leave no seams. A volume without a lesion scores 1.0 when nothing is predicted, so
+    `all_background_dice` of the same split is the score to beat.
+    """
+    if not len(dataset):
+        raise SiteDataError("the validation split holds no volume: add segmented series or raise val-fraction")
+    model.eval()
+    loss_fn = DiceCrossEntropy()
+    losses, dices = [], []
+    for index in range(len(dataset)):  # one volume at a time: volumes differ in size
+        image, mask = dataset[index]
+        logits = sliding_window_inference(image[None], roi_size=patch_size, sw_batch_size=batch_size,
+                                          predictor=model, overlap=0.25, mode="gaussian")
+        losses.append(float(loss_fn(logits, mask[None])))
+        dices.append(float(dice_per_sample(logits.argmax(dim=1), mask[None])[0]))
+    return {"loss": float(np.mean(losses)), "dice": float(np.mean(dices))}

@@ -12,6 +12,7 @@ from fedcare.privacy.dpsgd import plan_round, private_training, train_private
 from fedcare.segmentation import DiceCrossEntropy, dice_per_sample
 from fedcare.sites import Site
 from fedcare.training import noise_only_step
+from tests.dp_checks import assert_dp_step
 
 CONFIG = RunConfig(task="segmentation", model="unet", num_server_rounds=2, batch_size=8, target_epsilon=6.0,
                    learning_rate=0.05)
@@ -45,30 +46,7 @@ def test_per_sample_gradients_clipping_and_noise_are_really_applied(tmp_path):
     plan = plan_round(CONFIG, site(tmp_path), len(data), [])
     private = private_training(build_model(CONFIG), data, CONFIG, plan, [], round_seed=3)
     images, masks = next(iter(private.loader))
-    assert len(masks) > 1
-    reference = build_model(CONFIG)
-    reference.load_state_dict(private.model._module.state_dict())
-    private.optimizer.zero_grad()
-    DiceCrossEntropy()(private.model(images), masks).backward()
-    params = [p for p in private.model.parameters() if p.requires_grad]
-
-    # Opacus' per-sample gradient of sample i is the gradient of sample i's loss alone: the loss
-    # couples no two samples of a batch.
-    for i in (0, len(masks) - 1):
-        reference.zero_grad()
-        DiceCrossEntropy()(reference(images[i:i + 1]), masks[i:i + 1]).backward()
-        for mine, theirs in zip(params, reference.parameters()):
-            torch.testing.assert_close(mine.grad_sample[i], theirs.grad, atol=1e-5, rtol=1e-4)
-
-    private.optimizer.step()
-    per_sample = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params], dim=1).norm(dim=1)
-    scale = (plan.max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0)
-    assert (per_sample > plan.max_grad_norm).any(), "clipping should bite on an untrained U-Net"
-    clipped_sum = torch.cat([torch.einsum("i,i...->...", scale, p.grad_sample).flatten() for p in params])
-    summed = torch.cat([p.summed_grad.flatten() for p in params])
-    assert torch.allclose(summed, clipped_sum, atol=1e-5)
-    noise = torch.cat([p.grad.flatten() for p in params]) * private.optimizer.expected_batch_size - summed
-    assert noise.std().item() == pytest.approx(plan.noise_multiplier * plan.max_grad_norm, rel=0.03)
+    assert_dp_step(private, build_model(CONFIG), DiceCrossEntropy(), images, masks, plan)
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step(tmp_path):
