@@ -34,7 +34,7 @@ DEMO_SEED = 0
 # The demo preset's values with DP on (configs/demo.toml), minus its deliberately small site-0
 # budget: a benchmark measures training, not a refusal.
 DP_SETTINGS: dict[str, Any] = {
-    "local-epochs": 2, "batch-size": 32, "optimizer": "sgd", "learning-rate": 0.1, "dp": True,
+    "local-epochs": 2, "batch-size": 32, "optimizer": "sgd", "learning-rate": 0.4, "dp": True,
     "target-epsilon": 8.0, "max-grad-norm": 1.0, "accountant": "rdp", "site-budget-epsilon": 1000.0,
 }
 # configs/no-dp.toml: without DP noise Adam converges faster.

@@ -18,11 +18,12 @@ from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
 
 NUM_CLASSES = 2
-GROUP_NORM = ("group", {"num_groups": 4})
+GROUP_NORM = ("group", {"num_groups": 4, "affine": False})
 # How Opacus computes per-sample gradients for each network, when the run config says "auto":
-# the fastest mode that works, measured on 2 CPU cores by benchmarks/bench_dp.py (the U-Net by
-# benchmarks/bench_segmentation.py: hooks 2.35x plain, functorch 2.55x, ew fails on PReLU).
-GRAD_SAMPLE_MODE = {"small-cnn": "hooks", "densenet121": "functorch", "unet": "hooks"}
+# the fastest mode that works, measured on 2 CPU cores by benchmarks/bench_dp.py (small CNN: ew
+# 1.5x plain, hooks 1.6x, functorch 2.0x; ew skips the summed weight gradient hooks compute and
+# discard) and benchmarks/bench_segmentation.py (U-Net: hooks 2.35x, functorch 2.55x, ew fails on PReLU).
+GRAD_SAMPLE_MODE = {"small-cnn": "ew", "densenet121": "functorch", "unet": "hooks"}
 # In 3D the ranking turns: hooks get a convolution's per-sample gradient by unfolding its input
 # (27 copies of each voxel for a 3x3x3 kernel), dearer than functorch's vmapped backward as patches
 # grow. The 3D U-Net, one DP-SGD step, 1 thread, interleaved (ms, hooks / functorch / plain):
@@ -56,13 +57,19 @@ def build_model(config: RunConfig) -> nn.Module:
 
 
 def small_cnn(spatial_dims: int = 2, channels: tuple[int, ...] = (16, 32, 64)) -> nn.Module:
-    """Strided MONAI convolution blocks, then global max pooling: a lesion anywhere in the image counts."""
+    """Strided MONAI convolution blocks, then global max pooling: a lesion anywhere in the image counts.
+
+    Shaped for DP-SGD's per-sample gradients, whose cost grows with every weight a sample touches:
+    2x2 kernels with stride 2 read each pixel once (3x3 ones read most pixels twice or more), no bias
+    before a norm that would cancel it, and GroupNorm without affine weights (normalising is what
+    keeps the network trainable; its scale and shift are more per-sample work for little gain).
+    """
     layers: list[nn.Module] = []
     in_channels = 1
     for out_channels in channels:
         layers.append(Convolution(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
-            strides=2, kernel_size=3, norm=GROUP_NORM, act="relu",
+            strides=2, kernel_size=2, padding=0, bias=False, norm=GROUP_NORM, act="relu",
         ))
         in_channels = out_channels
     pool = nn.AdaptiveMaxPool3d(1) if spatial_dims == 3 else nn.AdaptiveMaxPool2d(1)
