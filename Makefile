@@ -1,21 +1,24 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv if missing, install, make the demo DICOM, run the federation
-#                 (make demo TASK=segmentation: the U-Net on DICOM SEG masks)
+#                 (make demo TASK=segmentation or TASK=segmentation-3d: U-Nets on DICOM SEG masks)
 #   make test   - the same set-up, then the whole test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
-# make demo TASK=segmentation: the U-Net on DICOM SEG masks, with its own data and preset.
+# make demo TASK=segmentation: the 2D U-Net on DICOM SEG masks, with its own data and preset;
+# TASK=segmentation-3d: the 3D U-Net on patches of the same series.
 TASK ?= classification
-ifeq ($(TASK),segmentation)
+ifneq ($(filter segmentation segmentation-3d,$(TASK)),)
 DEMO_DATA := outputs/demo-seg
-DEMO_CONFIG := configs/segmentation.toml
+DEMO_CONFIG := configs/$(TASK).toml
 DEMO_MARKER := site-2/series-000/SEG.dcm
+DEMO_TASK := segmentation
 else
 DEMO_DATA := outputs/demo-data
 DEMO_CONFIG := configs/demo.toml
 DEMO_MARKER := site-2/labels.csv
+DEMO_TASK := classification
 endif
 # Flower's connections and local SuperLink state stay inside the project, never in $HOME.
 export FLWR_HOME := $(CURDIR)/outputs/flwr-home
@@ -34,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo-data: setup
-	@test -f $(DEMO_DATA)/$(DEMO_MARKER) || $(BIN)/fedcare demo-data --out $(DEMO_DATA) --sites 3 --task $(TASK)
+	@test -f $(DEMO_DATA)/$(DEMO_MARKER) || $(BIN)/fedcare demo-data --out $(DEMO_DATA) --sites 3 --task $(DEMO_TASK)
 
 demo: demo-data
 	$(BIN)/fedcare run --config $(DEMO_CONFIG) --sites 3 --fresh-sites

@@ -28,7 +28,7 @@ from .demo_data import _SCANNERS, _case_dataset, _encode, _render, _Scanner, _ui
 __all__ = ["write_demo_segmentation_sites", "SEGMENTATION_CASES", "SLICES_PER_SERIES"]
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-SEGMENTATION_CASES = (120, 200, 320)  # slices per site; whole series of SLICES_PER_SERIES each
+SEGMENTATION_CASES = (200, 300, 500)  # slices per site; whole series of SLICES_PER_SERIES each
 SLICES_PER_SERIES = 10
 
 

@@ -1,5 +1,5 @@
 """Segmentation on a site: the Dice plus cross-entropy loss that DP-SGD can clip sample by sample,
-and the mean Dice a site reports for the global model on its validation split.
+and the lesion Dice a site reports for the global model on its validation split.
 
 Opacus computes per-sample gradients from a loss that is the batch mean of per-sample losses (its
 `loss_reduction="mean"`). `DiceCrossEntropy` is exactly that: each sample's soft Dice over its own
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
+from monai.losses import DiceLoss
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -22,72 +23,104 @@ from fedcare.errors import SiteDataError
 from fedcare.training import make_loader
 
 FOREGROUND = 1
+# Lesions cover about 1% of the demo's pixels. With plain cross-entropy, predicting background
+# everywhere is where DP-SGD's clipped, noised steps settle first, and the Dice term then takes
+# rounds to pull the model out; weighting lesion pixels tenfold made the demo's sites find the
+# lesion in 2-3 rounds instead of 5-6 at epsilon 8.
+LESION_WEIGHT = 10.0
 
 
 class DiceCrossEntropy(nn.Module):
-    """Mean over the batch of (soft Dice of the lesion + mean pixel cross-entropy) per sample.
+    """Mean over the batch of (soft Dice of the lesion + weighted mean pixel cross-entropy) per sample.
 
     Logits are [B, 2, *spatial], masks [B, *spatial] with 0 background and 1 lesion.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, lesion_weight: float = LESION_WEIGHT) -> None:
         super().__init__()
         # batch=False: Dice per sample; the background class is left out of Dice (it would score ~1
         # on every slice and drown the lesion) but stays in the cross-entropy.
-        self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=False,
-                               reduction="mean")
+        self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=False,
+                             reduction="mean")
+        self.register_buffer("class_weight", torch.tensor([1.0, lesion_weight]))
 
     def forward(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return self.loss(logits, masks[:, None])
+        # Each sample's own pixel mean, never torch's weighted batch mean: that one divides by the
+        # weights of the whole batch, so one sample's labels would scale every other sample's gradient.
+        pixel_loss = F.cross_entropy(logits, masks, weight=self.class_weight, reduction="none")
+        return self.dice(logits, masks[:, None]) + pixel_loss.flatten(1).mean(dim=1).mean()
 
 
-def dice_per_sample(predicted: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
-    """Lesion Dice of each sample; 1.0 where both the prediction and the mask are empty."""
-    pred = (predicted == FOREGROUND).flatten(1).float()
-    true = (masks == FOREGROUND).flatten(1).float()
-    overlap = 2.0 * (pred * true).sum(dim=1)
-    size = pred.sum(dim=1) + true.sum(dim=1)
-    return torch.where(size > 0, overlap / size.clamp(min=1.0), torch.ones_like(size)).numpy()
+class LesionTally:
+    """Voxel counts of one site's validation split, summed over every slice or volume it holds.
+
+    A site's Dice is the Dice of these sums (the "global Dice" of the LiTS and KiTS challenges):
+    each lesion voxel found and each false alarm counts by its size, wherever it lies. Averaging
+    Dice per slice or per series instead scores an empty prediction on an empty slice as perfect,
+    so a model that never predicts a lesion scores the share of lesion-free slices (0.7-0.85 on the
+    demo), and one stray voxel on a lesion-free slice costs as much as missing a whole lesion.
+    """
+
+    def __init__(self) -> None:
+        self.overlap = self.predicted = self.lesion = 0
+
+    def add(self, predicted: torch.Tensor, masks: torch.Tensor) -> None:
+        pred, true = predicted == FOREGROUND, masks == FOREGROUND
+        self.overlap += int((pred & true).sum())
+        self.predicted += int(pred.sum())
+        self.lesion += int(true.sum())
+
+    @property
+    def dice(self) -> float:
+        """2|P and L| / (|P| + |L|); 1.0 when neither the model nor the masks mark a lesion voxel."""
+        size = self.predicted + self.lesion
+        return 2.0 * self.overlap / size if size else 1.0
 
 
 def all_background_dice(dataset: Dataset) -> float:
-    """The mean Dice of a model that never predicts a lesion: the share of samples without one."""
-    return float(np.mean([not bool((mask == FOREGROUND).any()) for _, mask in dataset]))
+    """The Dice of a model that never predicts a lesion: 0 once the split holds any lesion voxel."""
+    tally = LesionTally()
+    for _, mask in dataset:
+        tally.add(torch.zeros_like(mask), mask)
+    return tally.dice
+
+
+def _require_validation(dataset: Dataset) -> None:
+    if not len(dataset):
+        raise SiteDataError("the validation split holds no segmented series: add series or raise val-fraction")
 
 
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, dataset: Dataset, batch_size: int) -> dict[str, float]:
-    """Loss and mean per-sample lesion Dice of the model on a site's validation split."""
+    """Loss and lesion Dice (over all the split's pixels) of the model on a site's validation slices."""
+    _require_validation(dataset)
     model.eval()
     loss_fn = DiceCrossEntropy()
-    total_loss, dices = 0.0, []
+    total_loss, tally = 0.0, LesionTally()
     for images, masks in make_loader(dataset, batch_size, seed=0, shuffle=False):
         logits = model(images)
         total_loss += float(loss_fn(logits, masks)) * len(masks)
-        dices.append(dice_per_sample(logits.argmax(dim=1), masks))
-    dice = np.concatenate(dices)
-    return {"loss": total_loss / len(dice), "dice": float(dice.mean())}
+        tally.add(logits.argmax(dim=1), masks)
+    return {"loss": total_loss / len(dataset), "dice": tally.dice}
 
 
 @torch.no_grad()
 def evaluate_volumes(model: nn.Module, dataset: Dataset, patch_size: tuple[int, int, int],
                      batch_size: int) -> dict[str, float]:
-    """Loss and mean lesion Dice per whole validation volume, by sliding-window inference.
+    """Loss and lesion Dice (over all the split's voxels) of the model on whole validation volumes.
 
     The network sees patch-sized windows only, as in training (`patch_size` in the volume's
     [D, H, W] order); windows overlap by a quarter and are blended with Gaussian weights, so patch
-    borders leave no seams. A volume without a lesion scores 1.0 when nothing is predicted, so
-    `all_background_dice` of the same split is the score to beat.
+    borders leave no seams.
     """
-    if not len(dataset):
-        raise SiteDataError("the validation split holds no volume: add segmented series or raise val-fraction")
+    _require_validation(dataset)
     model.eval()
     loss_fn = DiceCrossEntropy()
-    losses, dices = [], []
+    losses, tally = [], LesionTally()
     for index in range(len(dataset)):  # one volume at a time: volumes differ in size
         image, mask = dataset[index]
         logits = sliding_window_inference(image[None], roi_size=patch_size, sw_batch_size=batch_size,
                                           predictor=model, overlap=0.25, mode="gaussian")
         losses.append(float(loss_fn(logits, mask[None])))
-        dices.append(float(dice_per_sample(logits.argmax(dim=1), mask[None])[0]))
-    return {"loss": float(np.mean(losses)), "dice": float(np.mean(dices))}
+        tally.add(logits.argmax(dim=1), mask[None])
+    return {"loss": float(np.mean(losses)), "dice": tally.dice}

@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 from fedcare.config import RunConfig
 from fedcare.model import build_model, check_private_trainable, grad_sample_mode, unet
 from fedcare.privacy.dpsgd import plan_round, private_training, train_private
-from fedcare.segmentation import DiceCrossEntropy, dice_per_sample
+from fedcare.segmentation import DiceCrossEntropy, LesionTally
 from fedcare.sites import Site
 from fedcare.training import noise_only_step
 from tests.dp_checks import assert_dp_step
@@ -67,9 +67,27 @@ def test_a_private_round_trains_and_counts_every_step(tmp_path):
     assert steps == plan.steps and 0 < epsilon <= CONFIG.target_epsilon and torch.isfinite(torch.tensor(loss))
 
 
-def test_dice_per_sample_counts_empty_agreement_as_perfect():
+def test_site_dice_counts_every_voxel_once_across_slices():
     masks = torch.zeros(3, 4, 4, dtype=torch.long)
-    masks[0, :2] = 1
+    masks[0, :2] = 1  # 8 lesion pixels on the first slice
     predicted = masks.clone()
-    predicted[1, 0, 0] = 1  # a false lesion on an empty slice
-    assert dice_per_sample(predicted, masks).tolist() == [1.0, 0.0, 1.0]
+    predicted[1, 0, 0] = 1  # one false alarm on an empty slice
+    predicted[0, 0, 0] = 0  # one lesion pixel missed
+    tally = LesionTally()
+    tally.add(predicted[:2], masks[:2])
+    tally.add(predicted[2:], masks[2:])
+    assert tally.dice == pytest.approx(2 * 7 / (8 + 8))
+    nothing = LesionTally()
+    nothing.add(torch.zeros_like(masks), torch.zeros_like(masks))
+    assert nothing.dice == 1.0  # no lesion anywhere and none predicted: nothing was wrong
+
+
+def test_the_loss_of_a_batch_is_the_mean_of_its_samples_losses():
+    # DP-SGD clips each sample's gradient on its own: no sample's labels may weigh in another's loss.
+    torch.manual_seed(0)
+    logits, masks = torch.randn(4, 2, 8, 8), torch.zeros(4, 8, 8, dtype=torch.long)
+    masks[0, 2:4, 2:4] = 1  # lesion pixels in one sample only: a batch-weighted mean would rescale the others
+    loss = DiceCrossEntropy()
+    alone = torch.stack([loss(logits[i:i + 1], masks[i:i + 1]) for i in range(4)])
+    assert float(loss(logits, masks)) == pytest.approx(float(alone.mean()), rel=1e-6)
+    assert float(loss(logits[1:], masks[1:])) == pytest.approx(float(alone[1:].mean()), rel=1e-6)
