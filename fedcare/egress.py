@@ -61,8 +61,17 @@ def append_entry(log_path: Path, entry: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+THREE_D = "-3d"
+
+
+def network_name(model: str, input_mode: str) -> str:
+    """The name a log gives the run's network: its model, marked when it is the 3D build of it."""
+    return model + THREE_D if input_mode == "3d" else model
+
+
 class ModelShapes(Mapping[str, dict[str, list[int]]]):
-    """Parameter shapes of each model the project builds, each built once and only when a log names it."""
+    """Parameter shapes of each network the project builds (2D, or 3D when the name ends in "-3d"),
+    each built once and only when a log names it."""
 
     def __init__(self) -> None:
         self._built: dict[str, dict[str, list[int]]] = {}
@@ -71,10 +80,12 @@ class ModelShapes(Mapping[str, dict[str, list[int]]]):
         from fedcare.config import MODELS, RunConfig
         from fedcare.model import build_model
 
-        if name not in MODELS:
+        model = name.removesuffix(THREE_D)
+        if model not in MODELS:
             raise KeyError(name)
         if name not in self._built:
-            state = build_model(RunConfig(model=name)).state_dict()
+            input_mode = "3d" if name.endswith(THREE_D) else "2d"
+            state = build_model(RunConfig(model=model, input_mode=input_mode)).state_dict()
             self._built[name] = {key: list(value.shape) for key, value in state.items()}
         return self._built[name]
 
