@@ -1,6 +1,6 @@
 """U-Net segmentation under DP-SGD: step time with and without DP, for every `grad_sample_mode`.
 
-One optimizer step of the demo's 2D U-Net (64x64 slices, batch 16, Dice + cross-entropy) and of
+One optimizer step of the demo's 2D U-Net (64x64 slices, batch 32 as in configs/segmentation.toml, Dice + cross-entropy) and of
 the 3D U-Net (32x32x8 patches, batch 4, as in configs/segmentation-3d.toml) is timed plain and
 privately in each mode, interleaved so that load from other work hits every variant alike; a
 row's ratio is the median private/plain time of the mode `grad-sample-mode = "auto"` picks for
@@ -28,10 +28,10 @@ from fedcare.segmentation import DiceCrossEntropy  # noqa: E402
 
 MODES = ("hooks", "functorch", "ew")
 TARGET = 1.6
-COMMAND = "python benchmarks/bench_segmentation.py"
+COMMAND = "python benchmarks/run.py --only unet-dp-overhead"
 # Row -> the network's run config and the spatial shape of one sample ([H, W] or [D, H, W]).
 ROWS = {
-    "unet-dp-overhead": (RunConfig(task="segmentation", model="unet", batch_size=16, learning_rate=0.1), (64, 64)),
+    "unet-dp-overhead": (RunConfig(task="segmentation", model="unet", batch_size=32, learning_rate=0.1), (64, 64)),
     "unet3d-dp-overhead": (RunConfig(task="segmentation", model="unet", input_mode="3d", batch_size=4,
                                      learning_rate=0.1), (8, 32, 32)),
 }
@@ -95,6 +95,5 @@ def _row(name: str, config: RunConfig, shape: tuple[int, ...], repeats: int) -> 
 
 
 if __name__ == "__main__":
-    import json
-
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+    from run import main
+    main(["--only", "bench_segmentation", *sys.argv[1:]])
