@@ -1,33 +1,49 @@
 """Errors a user can fix: each carries one line that names the file or setting and what to do.
 
-The command line prints them without a traceback and exits non-zero; a site inside a run
-turns them into a failed reply that names the site.
+The command line prints them without a traceback and exits non-zero; a site inside a run logs
+the line on its own machine and sends the server only its name and the kind of problem.
 """
 
 
 class FedcareError(Exception):
     """A mistake in input or settings, explained in one line."""
 
+    # What the server may learn of it: a kind, never the line itself (see site_error_reason).
+    kind = "the site stopped on an error"
+
 
 class ConfigError(FedcareError):
     """A run-config or node-config key or value is wrong."""
+
+    kind = "a run-config or node-config setting is wrong"
 
 
 class SiteDataError(FedcareError):
     """A site's data folder or label manifest cannot be used."""
 
+    kind = "the site's data folder or label manifest cannot be used"
+
 
 class LedgerError(FedcareError):
     """A privacy ledger is missing, corrupted or has been tampered with."""
 
+    kind = "the site's privacy ledger is missing, corrupted or tampered with, so it does not train"
+
 
 # A site that cannot do what the server asked replies with a Flower Error carrying this code and
-# the reason "<site name>: <one line>", so the server can file the failure under the right site.
+# the reason "<site name>: <kind of problem>", so the server can file the failure under the right site.
 SITE_ERROR_CODE = 4101
+SITE_LOG_HINT = "the site's own log names the file or setting"
 
 
 def site_error_reason(site: str, err: Exception) -> str:
-    return f"{site}: {err}"
+    """The failed reply's reason: the site and the kind of problem, not the one-line detail.
+
+    The detail names the site's files and folders, and a hospital's folder or file names can hold
+    a patient's name or record number, so it stays in the site's log.
+    """
+    kind = err.kind if isinstance(err, FedcareError) else FedcareError.kind
+    return f"{site}: {kind} ({SITE_LOG_HINT})"
 
 
 def site_of_error(code: int, reason: str) -> str | None:

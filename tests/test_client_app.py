@@ -57,7 +57,7 @@ def test_a_site_without_budget_refuses_and_sends_no_weights(data, tmp_path):
     assert not (tmp_path / "ledger.jsonl").exists()
 
 
-def test_a_tampered_ledger_stops_training_with_a_reply_naming_the_site(data, tmp_path):
+def test_a_tampered_ledger_stops_training_with_a_reply_naming_the_site(data, tmp_path, caplog):
     train(request("train", 1), context(data, tmp_path))
     ledger = tmp_path / "ledger.jsonl"
     entry = json.loads(ledger.read_text())
@@ -65,7 +65,9 @@ def test_a_tampered_ledger_stops_training_with_a_reply_naming_the_site(data, tmp
     ledger.write_text(json.dumps(entry, sort_keys=True) + "\n")
     reply = train(request("train", 2), context(data, tmp_path))
     assert reply.has_error() and reply.error.code == SITE_ERROR_CODE
-    assert reply.error.reason.startswith("st-olav: ") and str(ledger) in reply.error.reason
+    assert reply.error.reason.startswith("st-olav: ") and "privacy ledger" in reply.error.reason
+    # The site's own log names the file; the reply leaving the site names no path of it.
+    assert str(tmp_path) not in reply.error.reason and str(ledger) in caplog.text
 
 
 @pytest.mark.parametrize("breakage, named", [
@@ -73,7 +75,7 @@ def test_a_tampered_ledger_stops_training_with_a_reply_naming_the_site(data, tmp
     ("no-dicom", "empty"),
     ("bad-manifest", "labels.csv"),
 ])
-def test_bad_site_data_gives_a_one_line_failed_reply(data, tmp_path, breakage, named):
+def test_bad_site_data_gives_a_one_line_failed_reply(data, tmp_path, breakage, named, caplog):
     folder = {"missing-folder": tmp_path / "does-not-exist", "no-dicom": tmp_path / "empty",
               "bad-manifest": tmp_path / "copy"}[breakage]
     if breakage == "no-dicom":
@@ -84,5 +86,8 @@ def test_bad_site_data_gives_a_one_line_failed_reply(data, tmp_path, breakage, n
         shutil.copytree(data, folder)
         (folder / "labels.csv").write_text("SOPInstanceUID,label\n1.2.3,maybe\n")
     reply = train(request("train"), context(folder, tmp_path / "state"))
-    assert reply.has_error() and named in reply.error.reason
+    assert reply.has_error() and "data folder or label manifest" in reply.error.reason
     assert "\n" not in reply.error.reason and "Traceback" not in reply.error.reason
+    # Folder and file names can hold a patient's name: they stay in the site's log, out of the reply.
+    assert named not in reply.error.reason and str(tmp_path) not in reply.error.reason
+    assert named in caplog.text
