@@ -4,7 +4,7 @@ federation, the choice of strategy, and privacy cost.
 
 Every figure is the AUC on each site's own validation split, weighted by its number of validation
 samples (as metrics.json's aggregate). Centralised baselines run in one process with the no-DP
-preset (configs/no-dp.toml: Adam, lr 1e-3) for as many epochs as a federated run's rounds x local
+preset (configs/no-dp.toml: Adam, lr 3e-3) for as many epochs as a federated run's rounds x local
 epochs: pooled trains on all sites' training splits together; "alone" trains on one site's and is
 scored on every site's validation split (own-split AUC in raw). Federated figures come from the
 real `flwr run` (`run_simulation`) in full mode; in quick mode only FedAvg + DP at epsilon 8 does

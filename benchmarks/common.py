@@ -39,7 +39,7 @@ DP_SETTINGS: dict[str, Any] = {
 }
 # configs/no-dp.toml: without DP noise Adam converges faster.
 NO_DP_SETTINGS: dict[str, Any] = {
-    "local-epochs": 2, "batch-size": 32, "optimizer": "adam", "learning-rate": 0.001, "dp": False,
+    "local-epochs": 2, "batch-size": 32, "optimizer": "adam", "learning-rate": 0.003, "dp": False,
 }
 
 
