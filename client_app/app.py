@@ -132,8 +132,9 @@ def evaluate_site(work: Work) -> dict[str, float]:
     if config.task != "segmentation":
         return evaluate(model, val, config.batch_size)
     if config.input_mode == "3d":
-        return evaluate_volumes(model, val, parse_patch_size(config.patch_size), config.batch_size)
-    return evaluate_segmentation(model, val, config.batch_size)
+        return evaluate_volumes(model, val, parse_patch_size(config.patch_size), config.batch_size,
+                                config.lesion_weight)
+    return evaluate_segmentation(model, val, config.batch_size, config.lesion_weight)
 
 
 def _reply(msg: Message, work: Work, loss: float, privacy: ConfigRecord) -> Message:

@@ -48,6 +48,7 @@ class RunConfig:
     irregular_series: str = "exclude"
     spacing: str = "1.0 1.0 2.0"
     patch_size: str = "32 32 8"
+    lesion_weight: float = 10.0
     cache_dir: str = "decode-cache"
     val_fraction: float = 0.2
     seed: int = 42
@@ -100,7 +101,7 @@ class RunConfig:
     def _check(self) -> None:
         positive = ("num_server_rounds", "local_epochs", "min_sites", "batch_size", "learning_rate",
                     "server_learning_rate", "max_update_norm_ratio",
-                    "image_size", "round_timeout", "max_grad_norm", "target_epsilon")
+                    "image_size", "round_timeout", "max_grad_norm", "target_epsilon", "lesion_weight")
         for name in positive:
             if getattr(self, name) <= 0:
                 _fail(name, getattr(self, name), "must be greater than 0")

@@ -67,7 +67,7 @@ def task_loss(config: RunConfig) -> nn.Module:
     if config.task == "segmentation":
         from fedcare.segmentation import DiceCrossEntropy  # that module builds on this one
 
-        return DiceCrossEntropy()
+        return DiceCrossEntropy(config.lesion_weight)
     return nn.CrossEntropyLoss()
 
 

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedcare.config import RunConfig
+from fedcare.errors import ConfigError
 from fedcare.model import build_model, check_private_trainable, grad_sample_mode, unet
 from fedcare.privacy.dpsgd import plan_round, private_training, train_private
 from fedcare.segmentation import DiceCrossEntropy, LesionTally
@@ -91,3 +92,11 @@ def test_the_loss_of_a_batch_is_the_mean_of_its_samples_losses():
     alone = torch.stack([loss(logits[i:i + 1], masks[i:i + 1]) for i in range(4)])
     assert float(loss(logits, masks)) == pytest.approx(float(alone.mean()), rel=1e-6)
     assert float(loss(logits[1:], masks[1:])) == pytest.approx(float(alone[1:].mean()), rel=1e-6)
+
+
+def test_the_run_config_sets_the_lesion_weight_of_training_and_evaluation():
+    from fedcare.training import task_loss
+
+    assert task_loss(RunConfig(task="segmentation", model="unet", lesion_weight=3.0)).class_weight.tolist() == [1.0, 3.0]
+    with pytest.raises(ConfigError, match="lesion-weight"):
+        RunConfig.from_mapping({"task": "segmentation", "model": "unet", "lesion-weight": 0.0})
