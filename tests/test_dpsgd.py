@@ -9,6 +9,7 @@ import dp_accounting
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedcare.config import RunConfig
@@ -16,6 +17,7 @@ from fedcare.model import build_model
 from fedcare.privacy.dpsgd import plan_round, private_training, record_round, train_private
 from fedcare.privacy.ledger import Ledger
 from fedcare.sites import Site
+from tests.dp_checks import assert_dp_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = RunConfig(num_server_rounds=3, local_epochs=1, batch_size=8, target_epsilon=6.0, learning_rate=0.003)
@@ -73,24 +75,7 @@ def test_clipping_and_noise_are_really_applied(tmp_path):
     plan = plan_round(CONFIG, site(tmp_path), len(data), [])
     private = private_training(build_model(CONFIG), data, CONFIG, plan, [], round_seed=1)
     images, labels = next(iter(private.loader))
-    assert len(labels) > 0
-    private.optimizer.zero_grad()
-    torch.nn.functional.cross_entropy(private.model(images), labels).backward()
-    private.optimizer.step()
-
-    params = [p for p in private.model.parameters() if p.requires_grad]
-    per_sample = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params], dim=1).norm(dim=1)
-    scale = (plan.max_grad_norm / (per_sample + 1e-6)).clamp(max=1.0)
-    assert ((per_sample * scale) <= plan.max_grad_norm + 1e-5).all()
-    assert (per_sample > plan.max_grad_norm).any(), "clipping should bite on an untrained model"
-    clipped_sum = torch.cat([torch.einsum("i,i...->...", scale, p.grad_sample).flatten() for p in params])
-    summed = torch.cat([p.summed_grad.flatten() for p in params])
-    assert torch.allclose(summed, clipped_sum, atol=1e-5)
-
-    noise = torch.cat([p.grad.flatten() for p in params]) * private.optimizer.expected_batch_size - summed
-    expected = plan.noise_multiplier * plan.max_grad_norm
-    assert noise.std().item() == pytest.approx(expected, rel=0.03)
-    assert abs(noise.mean().item()) < 0.05 * expected
+    assert_dp_step(private, build_model(CONFIG), nn.CrossEntropyLoss(), images, labels, plan)
 
 
 def test_a_round_past_the_budget_is_refused_before_training(tmp_path):
@@ -106,10 +91,12 @@ def test_a_round_past_the_budget_is_refused_before_training(tmp_path):
 RESTART = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from torch.utils.data import TensorDataset
+    from torch import nn
+from torch.utils.data import TensorDataset
     sys.path.insert(0, sys.argv[3])
     from tests.test_dpsgd import CONFIG, dataset, one_round
     from fedcare.sites import Site
+from tests.dp_checks import assert_dp_step
     state = Path(sys.argv[1])
     site = Site("site-0", state, state, budget_epsilon=float(sys.argv[4]), budget_delta=0.0)
     print(one_round(site, int(sys.argv[2]), dataset()))
