@@ -91,12 +91,10 @@ def test_a_round_past_the_budget_is_refused_before_training(tmp_path):
 RESTART = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from torch import nn
-from torch.utils.data import TensorDataset
+    from torch.utils.data import TensorDataset
     sys.path.insert(0, sys.argv[3])
     from tests.test_dpsgd import CONFIG, dataset, one_round
     from fedcare.sites import Site
-from tests.dp_checks import assert_dp_step
     state = Path(sys.argv[1])
     site = Site("site-0", state, state, budget_epsilon=float(sys.argv[4]), budget_delta=0.0)
     print(one_round(site, int(sys.argv[2]), dataset()))
