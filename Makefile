@@ -9,6 +9,9 @@ TORCH := torch==2.13.0
 # make demo TASK=segmentation: the 2D U-Net on DICOM SEG masks, with its own data and preset;
 # TASK=segmentation-3d: the 3D U-Net on patches of the same series.
 TASK ?= classification
+ifeq ($(filter classification segmentation segmentation-3d,$(TASK)),)
+$(error TASK=$(TASK): use classification, segmentation or segmentation-3d)
+endif
 ifneq ($(filter segmentation segmentation-3d,$(TASK)),)
 DEMO_DATA := outputs/demo-seg
 DEMO_CONFIG := configs/$(TASK).toml

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from fedcare.config import RunConfig  # noqa: E402
 from fedcare.model import build_model, grad_sample_mode  # noqa: E402
-from fedcare.segmentation import DiceCrossEntropy  # noqa: E402
+from fedcare.training import task_loss  # noqa: E402
 
 MODES = ("hooks", "functorch", "ew")
 TARGET = 1.6
@@ -54,7 +54,7 @@ def _stepper(config: RunConfig, shape: tuple[int, ...], mode: str | None):
             data_loader=DataLoader(TensorDataset(images, masks), batch_size=config.batch_size),
             noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
         )
-    loss_fn = DiceCrossEntropy()
+    loss_fn = task_loss(config)
 
     def step() -> None:
         optimizer.zero_grad()

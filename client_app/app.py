@@ -25,7 +25,7 @@ from fedcare.privacy.dpsgd import plan_round, record_round, train_private
 from fedcare.privacy.ledger import Ledger
 from fedcare.sites import Site, site_from_node_config
 from fedcare.segmentation import evaluate_segmentation, evaluate_volumes
-from fedcare.training import evaluate, train_plain
+from fedcare.training import evaluate, task_loss, train_plain
 
 app = ClientApp(mods=[egress_log])
 log = logging.getLogger("fedcare.site")
@@ -133,8 +133,8 @@ def evaluate_site(work: Work) -> dict[str, float]:
         return evaluate(model, val, config.batch_size)
     if config.input_mode == "3d":
         return evaluate_volumes(model, val, parse_patch_size(config.patch_size), config.batch_size,
-                                config.lesion_weight)
-    return evaluate_segmentation(model, val, config.batch_size, config.lesion_weight)
+                                task_loss(config))
+    return evaluate_segmentation(model, val, config.batch_size, task_loss(config))
 
 
 def _reply(msg: Message, work: Work, loss: float, privacy: ConfigRecord) -> Message:

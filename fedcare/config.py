@@ -48,6 +48,10 @@ class RunConfig:
     irregular_series: str = "exclude"
     spacing: str = "1.0 1.0 2.0"
     patch_size: str = "32 32 8"
+    # Lesions cover about 1% of the demo's pixels. With plain cross-entropy, predicting background
+    # everywhere is where DP-SGD's clipped, noised steps settle first, and the Dice term then takes
+    # rounds to pull the model out; weighting lesion pixels tenfold made the demo's sites find the
+    # lesion in 2-3 rounds instead of 5-6 at epsilon 8.
     lesion_weight: float = 10.0
     cache_dir: str = "decode-cache"
     val_fraction: float = 0.2

@@ -23,11 +23,6 @@ from fedcare.errors import SiteDataError
 from fedcare.training import make_loader
 
 FOREGROUND = 1
-# The default of the run config's `lesion-weight`. Lesions cover about 1% of the demo's pixels.
-# With plain cross-entropy, predicting background everywhere is where DP-SGD's clipped, noised
-# steps settle first, and the Dice term then takes rounds to pull the model out; weighting lesion
-# pixels tenfold made the demo's sites find the lesion in 2-3 rounds instead of 5-6 at epsilon 8.
-LESION_WEIGHT = 10.0
 
 
 class DiceCrossEntropy(nn.Module):
@@ -36,7 +31,7 @@ class DiceCrossEntropy(nn.Module):
     Logits are [B, 2, *spatial], masks [B, *spatial] with 0 background and 1 lesion.
     """
 
-    def __init__(self, lesion_weight: float = LESION_WEIGHT) -> None:
+    def __init__(self, lesion_weight: float) -> None:
         super().__init__()
         # batch=False: Dice per sample; the background class is left out of Dice (it would score ~1
         # on every slice and drown the lesion) but stays in the cross-entropy.
@@ -92,11 +87,10 @@ def _require_validation(dataset: Dataset) -> None:
 
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, dataset: Dataset, batch_size: int,
-                          lesion_weight: float = LESION_WEIGHT) -> dict[str, float]:
-    """Loss and lesion Dice (over all the split's pixels) of the model on a site's validation slices."""
+                          loss_fn: nn.Module) -> dict[str, float]:
+    """Loss (`loss_fn`, the run's training loss) and lesion Dice over all the split's pixels, on a site's slices."""
     _require_validation(dataset)
     model.eval()
-    loss_fn = DiceCrossEntropy(lesion_weight)
     total_loss, tally = 0.0, LesionTally()
     for images, masks in make_loader(dataset, batch_size, seed=0, shuffle=False):
         logits = model(images)
@@ -107,8 +101,8 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, batch_size: int,
 
 @torch.no_grad()
 def evaluate_volumes(model: nn.Module, dataset: Dataset, patch_size: tuple[int, int, int],
-                     batch_size: int, lesion_weight: float = LESION_WEIGHT) -> dict[str, float]:
-    """Loss and lesion Dice (over all the split's voxels) of the model on whole validation volumes.
+                     batch_size: int, loss_fn: nn.Module) -> dict[str, float]:
+    """Loss (`loss_fn`, the run's training loss) and lesion Dice over all the split's voxels, on whole volumes.
 
     The network sees patch-sized windows only, as in training (`patch_size` in the volume's
     [D, H, W] order); windows overlap by a quarter and are blended with Gaussian weights, so patch
@@ -116,7 +110,6 @@ def evaluate_volumes(model: nn.Module, dataset: Dataset, patch_size: tuple[int, 
     """
     _require_validation(dataset)
     model.eval()
-    loss_fn = DiceCrossEntropy(lesion_weight)
     losses, tally = [], LesionTally()
     for index in range(len(dataset)):  # one volume at a time: volumes differ in size
         image, mask = dataset[index]

@@ -10,7 +10,7 @@ from data_adapters import segmentation_volume_datasets, write_demo_segmentation_
 from fedcare.config import RunConfig
 from fedcare.model import GRAD_SAMPLE_MODE, build_model, check_private_trainable, grad_sample_mode
 from fedcare.privacy.dpsgd import plan_round, private_training, train_private
-from fedcare.segmentation import DiceCrossEntropy
+from fedcare.training import task_loss
 from fedcare.sites import Site
 from tests.dp_checks import assert_dp_step
 
@@ -54,7 +54,7 @@ def test_per_sample_gradients_clipping_and_noise_on_3d_patches(tmp_path, patches
     private = private_training(build_model(CONFIG), patches, CONFIG, plan, [], round_seed=3)
     images, masks = next(batch for batch in private.loader if len(batch[1]) > 1)
     assert images.shape[1:] == (1, 8, 16, 16) and masks.shape[1:] == (8, 16, 16)
-    assert_dp_step(private, build_model(CONFIG), DiceCrossEntropy(), images, masks, plan)
+    assert_dp_step(private, build_model(CONFIG), task_loss(CONFIG), images, masks, plan)
 
 def test_a_private_3d_round_trains_and_counts_every_step(tmp_path, patches):
     plan = plan_round(CONFIG, site(tmp_path), len(patches), [])

@@ -12,7 +12,7 @@ from fedcare.model import build_model, check_private_trainable, grad_sample_mode
 from fedcare.privacy.dpsgd import plan_round, private_training, train_private
 from fedcare.segmentation import DiceCrossEntropy, LesionTally
 from fedcare.sites import Site
-from fedcare.training import noise_only_step
+from fedcare.training import noise_only_step, task_loss
 from tests.dp_checks import assert_dp_step
 
 CONFIG = RunConfig(task="segmentation", model="unet", num_server_rounds=2, batch_size=8, target_epsilon=6.0,
@@ -47,7 +47,7 @@ def test_per_sample_gradients_clipping_and_noise_are_really_applied(tmp_path):
     plan = plan_round(CONFIG, site(tmp_path), len(data), [])
     private = private_training(build_model(CONFIG), data, CONFIG, plan, [], round_seed=3)
     images, masks = next(iter(private.loader))
-    assert_dp_step(private, build_model(CONFIG), DiceCrossEntropy(), images, masks, plan)
+    assert_dp_step(private, build_model(CONFIG), task_loss(CONFIG), images, masks, plan)
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step(tmp_path):
@@ -88,15 +88,13 @@ def test_the_loss_of_a_batch_is_the_mean_of_its_samples_losses():
     torch.manual_seed(0)
     logits, masks = torch.randn(4, 2, 8, 8), torch.zeros(4, 8, 8, dtype=torch.long)
     masks[0, 2:4, 2:4] = 1  # lesion pixels in one sample only: a batch-weighted mean would rescale the others
-    loss = DiceCrossEntropy()
+    loss = DiceCrossEntropy(lesion_weight=10.0)
     alone = torch.stack([loss(logits[i:i + 1], masks[i:i + 1]) for i in range(4)])
     assert float(loss(logits, masks)) == pytest.approx(float(alone.mean()), rel=1e-6)
     assert float(loss(logits[1:], masks[1:])) == pytest.approx(float(alone[1:].mean()), rel=1e-6)
 
 
 def test_the_run_config_sets_the_lesion_weight_of_training_and_evaluation():
-    from fedcare.training import task_loss
-
     assert task_loss(RunConfig(task="segmentation", model="unet", lesion_weight=3.0)).class_weight.tolist() == [1.0, 3.0]
     with pytest.raises(ConfigError, match="lesion-weight"):
         RunConfig.from_mapping({"task": "segmentation", "model": "unet", "lesion-weight": 0.0})

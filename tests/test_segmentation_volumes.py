@@ -19,7 +19,7 @@ from data_adapters.transforms import apply_window
 from data_adapters.volumes import plan_volume, series_slices
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
-from fedcare.segmentation import all_background_dice, evaluate_volumes
+from fedcare.segmentation import DiceCrossEntropy, all_background_dice, evaluate_volumes
 
 CT5N = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
 WINDOW = (-200.0, 300.0)
@@ -133,10 +133,11 @@ def test_whole_volume_dice_stitches_windows_in_place_and_scores_empty_volumes(de
     masks = [torch.from_numpy(m) for m in site.masks]
     # Volumes of 6x45x45 voxels: padded in depth, several windows across; a misplaced window would cost Dice.
     as_input = [(m[None].float(), m) for m in masks]
-    assert evaluate_volumes(MaskOracle(), as_input, (8, 16, 16), 4)["dice"] == pytest.approx(1.0)
+    loss = DiceCrossEntropy(lesion_weight=10.0)
+    assert evaluate_volumes(MaskOracle(), as_input, (8, 16, 16), 4, loss)["dice"] == pytest.approx(1.0)
     has_lesion = [bool(m.any()) for m in masks]
     assert 0 < sum(has_lesion) < len(masks)
-    never = evaluate_volumes(NeverLesion(), as_input, (8, 16, 16), 4)["dice"]
+    never = evaluate_volumes(NeverLesion(), as_input, (8, 16, 16), 4, loss)["dice"]
     assert never == 0.0 == all_background_dice(as_input)  # the split holds lesions: finding none scores 0
 
 
