@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import demo_sites, interleaved, median_ratio, row, set_threads  # noqa: E402
+import torch  # noqa: E402
 from torch.utils.data import ConcatDataset  # noqa: E402
 
 from data_adapters import site_datasets  # noqa: E402
@@ -42,7 +43,7 @@ def _config(mode: str = "auto") -> RunConfig:
 
 def _plain_epoch(dataset, config: RunConfig) -> None:
     model = build_model(config)
-    loader = make_loader(dataset, config.batch_size, config.seed, shuffle=True)
+    loader = make_loader(dataset, config.batch_size, torch.Generator().manual_seed(config.seed), shuffle=True)
     train_epochs(model, loader, make_optimizer(model, config), 1)
 
 

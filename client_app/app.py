@@ -1,30 +1,34 @@
 """The ClientApp: what runs inside each hospital. It reads the site's own DICOM, trains locally
-(DP-SGD by default) and replies with model weights and numbers only.
+under DP-SGD and replies with model weights and numbers only.
 
-The site decides whether it trains: before a private round it rebuilds its accountant from the
-ledger on its own disk and refuses a round its lifetime budget cannot cover.
+The site decides everything that protects it. Its policy (its own settings, never the run
+config) answers each request before any data is read; a round it allows is planned, trained and
+recorded while it holds its ledger, so no other run can spend the same budget meanwhile. The
+train/validation split is the site's own, made once and kept; the noise and batch sampling draw
+from the site's entropy; the exact training loss stays in the site's log.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from client_app.egress import egress_log
-from data_adapters import SiteDatasets, segmentation_datasets, segmentation_volume_datasets, site_datasets
+from data_adapters import SiteDatasets, StoredSplit, segmentation_datasets, segmentation_volume_datasets, site_datasets
 from data_adapters.transforms import parse_patch_size
 from fedcare.config import RunConfig
-from fedcare.errors import SITE_ERROR_CODE, FedcareError, site_error_reason
+from fedcare.egress import count_replies
+from fedcare.errors import SITE_ERROR_CODE, FedcareError, StateError, site_error_reason
 from fedcare.model import build_model, check_private_trainable
-from fedcare.privacy.dpsgd import plan_round, record_round, train_private
-from fedcare.privacy.ledger import Ledger
-from fedcare.sites import Site, site_from_node_config
+from fedcare.privacy.dpsgd import RoundPlan, plan_release_without_dp, plan_round, record_round, train_private
+from fedcare.privacy.ledger import Ledger, private_history
+from fedcare.privacy.randomness import reseed_global
 from fedcare.segmentation import evaluate_segmentation, evaluate_volumes
+from fedcare.sites import Site, site_from_node_config
 from fedcare.training import evaluate, task_loss, train_plain
 
 app = ClientApp(mods=[egress_log])
@@ -33,102 +37,129 @@ log = logging.getLogger("fedcare.site")
 
 @dataclass
 class Work:
-    """What a message asks of this site, with everything it needs loaded once."""
+    """What a message asks of this site: the run's request, the site itself and the global model."""
 
     config: RunConfig
     site: Site
-    data: SiteDatasets
     model: nn.Module
     server_round: int
+    run_id: str
 
 
 def start(msg: Message, context: Context) -> Work:
-    """Resolve the site, read its data and load the global model the server sent."""
+    """Resolve the site, check its state folder and load the global model the server sent."""
     config = RunConfig.from_mapping(context.run_config)
     site = site_from_node_config(context.node_config, config)
-    server_round = int(msg.content["config"]["server-round"])
+    open_state(site)
     model = build_model(config)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return Work(config, site, site_data(config, site, server_round), model, server_round)
+    reseed_global()  # nothing after this draws from a state the run's seed set
+    return Work(config, site, model, int(msg.content["config"]["server-round"]), str(context.run_id))
 
 
-def seed_for_round(config: RunConfig, server_round: int) -> int:
-    """The seed of one round's local randomness (batches, patches): new each round, fixed by the run's seed."""
-    return config.seed * 1000 + server_round
+def open_state(site: Site) -> None:
+    """Start the site's ledger on its first round; refuse a state folder whose ledger has vanished.
+
+    A ledger that is gone while the egress log or the stored split shows earlier rounds means lost
+    spending, and starting a new empty ledger would reset the site's budget without anyone deciding so.
+    """
+    ledger = Ledger(site.ledger_path)
+    if ledger.initialised:
+        return
+    traces = [path.name for path in (site.egress_path, site.split_path) if path.exists()]
+    if traces:
+        raise StateError(f"{site.state_path}: {' and '.join(traces)} show earlier rounds but the privacy ledger is "
+                         "gone; restore it from backup, or start it afresh on purpose with "
+                         f"`fedcare ledger-init {site.state_path}`")
+    ledger.initialise()
 
 
-def site_data(config: RunConfig, site: Site, server_round: int) -> SiteDatasets:
-    """The site's train/validation datasets for the run's task and input mode."""
-    folder = Path(site.data_path)
+def site_data(work: Work) -> SiteDatasets:
+    """The site's train/validation datasets for the run's task and input mode, on the site's own split."""
+    config, site = work.config, work.site
+    split = StoredSplit(site.split_path, site.policy.val_fraction)
     if config.task == "segmentation" and config.input_mode == "3d":
         return segmentation_volume_datasets(
-            folder, config.val_fraction, config.seed, window=config.window, spacing=config.spacing,
+            site.data_path, split, window=config.window, spacing=config.spacing,
             patch_size=config.patch_size, irregular=config.irregular_series,
-            patch_seed=seed_for_round(config, server_round),
         )
     if config.task == "segmentation":
-        return segmentation_datasets(folder, config.val_fraction, config.seed, config.image_size, window=config.window)
+        return segmentation_datasets(site.data_path, split, config.image_size, window=config.window)
     return site_datasets(
-        folder, config.val_fraction, config.seed, config.image_size, window=config.window,
+        site.data_path, split, config.image_size, window=config.window,
         input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
-        data_format=config.data_format,
-        cache_dir=(site.state_path / config.cache_dir) if config.cache_dir else None,
+        data_format=config.data_format, cache_dir=site.cache_path,
     )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local training on this site's data: DP-SGD unless the run switches it off."""
+    """One round of local training, if the site's policy allows what the run asks."""
     try:
         work = start(msg, context)
-        seed = seed_for_round(work.config, work.server_round)
+        refusal = work.site.policy.refusal(work.config)
+        if refusal:  # decided before any data is read
+            log.warning("%s round %d refused: %s", work.site.name, work.server_round, refusal)
+            return _privacy_reply(msg, work, {"status": "refused", "reason": refusal})
         proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx only
-        if not work.config.dp:
-            loss = train_plain(work.model, work.data.train, work.config, seed, proximal_mu)
-            return _reply(msg, work, loss, ConfigRecord({"dp": False}))
-        return train_within_budget(msg, context, work, seed, proximal_mu)
+        with Ledger(work.site.ledger_path).hold() as ledger:
+            train_round = train_within_budget if work.config.dp else train_without_dp
+            return train_round(msg, work, ledger, site_data(work), proximal_mu)
     except FedcareError as err:
         return _failure(msg, context, err)
 
 
-def train_within_budget(msg: Message, context: Context, work: Work, round_seed: int, proximal_mu: float) -> Message:
+def train_within_budget(msg: Message, work: Work, ledger: Ledger, data: SiteDatasets, proximal_mu: float) -> Message:
     """Plan the round against the site's ledger; refuse it, or train it and record it before replying."""
-    site, config = work.site, work.config
+    site = work.site
     check_private_trainable(work.model)
-    ledger = Ledger(site.ledger_path)
-    history = ledger.history()
-    plan = plan_round(config, site, work.data.num_train, history)
-    privacy = {**plan.to_dict(), "dp": True, "epsilon": plan.epsilon_before}
+    entries = ledger.entries()
+    plan = plan_round(work.config, site, data.num_train, entries, work.run_id)
+    history = private_history(entries)
     if not plan.affordable:
-        log.warning("%s round %d refused: epsilon would reach %.3f, budget %.3f",
-                    site.name, work.server_round, plan.epsilon_after, plan.budget_epsilon)
-        privacy.update(status="budget-exhausted", **_history_lists(history))
-        return Message(RecordDict({"privacy": ConfigRecord(privacy), "site": _site_record(site)}), reply_to=msg)
+        log.warning("%s round %d refused: %s", site.name, work.server_round, plan.refusal)
+        return _privacy_reply(msg, work, plan.reply_fields() | _history_lists(history))
+    loss, record = train_private(work.model, data.train, work.config, plan, history, proximal_mu)
+    record_round(ledger, record, work.run_id, work.server_round)
+    log.info("%s round %d trained: loss %.4f, epsilon %.3f of %.3f", site.name, work.server_round, loss,
+             record.epsilon, record.budget_epsilon)
+    reply = RoundPlan(record, plan.delta_rule, plan.epsilon_before).reply_fields()
+    return _update(msg, work, data, reply | _history_lists([*history, record.event]))
 
-    loss, epsilon, steps = train_private(work.model, work.data.train, config, plan, history, round_seed, proximal_mu)
-    record_round(ledger, plan, str(context.run_id), work.server_round, epsilon, steps)
-    # The lifetime history now ends with this round; no need to read the ledger back.
-    privacy.update(status="ok", epsilon=epsilon, steps=steps,
-                   **_history_lists([*history, (plan.noise_multiplier, plan.sample_rate, steps)]))
-    log.info("%s round %d trained: epsilon %.3f of %.3f", site.name, work.server_round, epsilon, plan.budget_epsilon)
-    return _reply(msg, work, loss, ConfigRecord(privacy))
+
+def train_without_dp(msg: Message, work: Work, ledger: Ledger, data: SiteDatasets, proximal_mu: float) -> Message:
+    """A round without DP, which only a site whose policy allows it reaches: an unbounded release, recorded."""
+    entries = ledger.entries()
+    plan = plan_release_without_dp(work.config, work.site, data.num_train, entries)
+    loss = train_plain(work.model, data.train, work.config, proximal_mu)
+    record_round(ledger, plan.record, work.run_id, work.server_round)
+    log.warning("%s round %d trained WITHOUT DP (allowed by the site's policy): loss %.4f; the release is unbounded",
+                work.site.name, work.server_round, loss)
+    return _update(msg, work, data, plan.reply_fields() | _history_lists(private_history(entries)))
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this site's held-out validation split (loss, accuracy, AUC; or loss, Dice)."""
+    """Evaluate the global model on this site's validation split, within the site's evaluation quota."""
     try:
         work = start(msg, context)
-        metrics = evaluate_site(work)
-        metrics["num-examples"] = work.data.num_val
+        quota = work.site.policy.evaluation_quota
+        if count_replies(work.site.egress_path, work.run_id, "evaluate") >= quota:
+            reason = f"this run has had the {quota} evaluations this site allows one run"
+            log.warning("%s round %d evaluation refused: %s", work.site.name, work.server_round, reason)
+            return Message(RecordDict({"refusal": ConfigRecord({"reason": reason}), "site": _site_record(work.site)}),
+                           reply_to=msg)
+        data = site_data(work)
+        metrics = evaluate_site(work, data)
+        metrics["num-examples"] = data.num_val
         return Message(RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(work.site)}), reply_to=msg)
     except FedcareError as err:
         return _failure(msg, context, err)
 
 
-def evaluate_site(work: Work) -> dict[str, float]:
+def evaluate_site(work: Work, data: SiteDatasets) -> dict[str, float]:
     """The task's metrics of the global model on the site's validation split; segmentation's key is "dice"."""
-    config, model, val = work.config, work.model, work.data.val
+    config, model, val = work.config, work.model, data.val
     if config.task != "segmentation":
         return evaluate(model, val, config.batch_size)
     if config.input_mode == "3d":
@@ -137,15 +168,21 @@ def evaluate_site(work: Work) -> dict[str, float]:
     return evaluate_segmentation(model, val, config.batch_size, task_loss(config))
 
 
-def _reply(msg: Message, work: Work, loss: float, privacy: ConfigRecord) -> Message:
-    # num-examples is the number of training samples: FedAvg weights each site's update by it.
+def _update(msg: Message, work: Work, data: SiteDatasets, privacy: dict) -> Message:
+    # num-examples is the number of training samples: FedAvg weights each site's update by it. The
+    # training loss is not sent: it is an exact function of private batches that no accountant covers.
     content = RecordDict({
         "arrays": ArrayRecord(work.model.state_dict()),
-        "metrics": MetricRecord({"train-loss": loss, "num-examples": work.data.num_train}),
-        "privacy": privacy,
+        "metrics": MetricRecord({"num-examples": data.num_train}),
+        "privacy": ConfigRecord(privacy),
         "site": _site_record(work.site),
     })
     return Message(content, reply_to=msg)
+
+
+def _privacy_reply(msg: Message, work: Work, privacy: dict) -> Message:
+    """A train reply without weights: the site refused the round, and says why."""
+    return Message(RecordDict({"privacy": ConfigRecord(privacy), "site": _site_record(work.site)}), reply_to=msg)
 
 
 def _site_record(site: Site) -> ConfigRecord:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .cache import DecodeCache, clear_cache
-    from .dataset import SiteDatasets, cached_site_images, image_transform, site_datasets, split_indices
+    from .dataset import SiteDatasets, cached_site_images, image_transform, site_datasets
     from .demo_data import DEFAULT_CASES, write_demo_sites
     from .demo_segmentation import write_demo_segmentation_sites
     from .dicom import SiteImages, load_site, read_site
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .seg import label_volume, read_segmentation
     from .segmentation import read_segmentation_site, segmentation_datasets
     from .segmentation_volumes import read_segmentation_volumes, segmentation_volume_datasets
+    from .split import SeededSplit, StoredSplit, split_indices
     from .transforms import WINDOW_PRESETS, Preprocess
     from .volumes import plan_volume, stack_volume
 
@@ -50,7 +51,9 @@ _HOME = {
     "read_labels": "labels",
     "read_site": "dicom",
     "site_datasets": "dataset",
-    "split_indices": "dataset",
+    "split_indices": "split",
+    "SeededSplit": "split",
+    "StoredSplit": "split",
     "write_demo_sites": "demo_data",
     "write_demo_segmentation_sites": "demo_segmentation",
     "read_segmentation_site": "segmentation",

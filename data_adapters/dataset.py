@@ -23,6 +23,7 @@ from fedcare.errors import SiteDataError
 from .dicom import SiteImages, load_site, manifest_for, read_site, require_folder
 from .labels import LABELS_FILENAME
 from .nifti import load_nifti_site, nifti_manifest
+from .split import SeededSplit, Split, split_indices
 from .transforms import Preprocess, Window
 
 __all__ = ["SiteDatasets", "cached_site_images", "image_transform", "site_datasets", "split_indices"]
@@ -30,49 +31,6 @@ __all__ = ["SiteDatasets", "cached_site_images", "image_transform", "site_datase
 # A few sites per process at most (simulation); one entry per folder and settings, replaced when it changes.
 _CACHE: dict[tuple, tuple[tuple[int, int, int], SiteImages]] = {}
 _CACHE_LIMIT = 16
-
-
-def split_indices(
-    labels: np.ndarray, val_fraction: float, seed: int, groups: list[str] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic stratified split of sample indices into (train, validation), both sorted.
-
-    Each class sends round(n * val_fraction) of its n cases to validation, but at least one
-    and never all of them when it has two or more, so validation sees every class and training
-    keeps every class. With `groups` (e.g. the frames of one multi-frame instance, or the images
-    of one labelled series), whole groups are split, so no case is in both.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise SiteDataError(f"val-fraction must be in [0, 1), got {val_fraction}: choose e.g. 0.2")
-    if groups is not None:
-        return _split_groups(np.asarray(labels), val_fraction, seed, groups)
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        n_val = int(round(len(members) * val_fraction))
-        if val_fraction > 0 and len(members) >= 2:
-            n_val = min(max(n_val, 1), len(members) - 1)
-        elif len(members) < 2:
-            n_val = 0
-        val.append(members[:n_val])
-        train.append(members[n_val:])
-    return _sorted_index(train), _sorted_index(val)
-
-
-def _split_groups(labels: np.ndarray, val_fraction: float, seed: int, groups: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    # Groups in order of first appearance: with one sample per group this is the plain split.
-    first: dict[str, int] = {}
-    member = np.array([first.setdefault(g, len(first)) for g in groups], dtype=np.int64)
-    group_labels = np.zeros(len(first), dtype=labels.dtype)
-    group_labels[member] = labels
-    train_groups, val_groups = split_indices(group_labels, val_fraction, seed)
-    return np.flatnonzero(np.isin(member, train_groups)), np.flatnonzero(np.isin(member, val_groups))
-
-
-def _sorted_index(parts: list[np.ndarray]) -> np.ndarray:
-    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _stamp(folder: Path, manifest: Path) -> tuple[int, int, int]:
@@ -157,8 +115,7 @@ def image_transform(image_size: int, window: tuple[float, float]) -> Compose:
 
 def site_datasets(
     folder: Path,
-    val_fraction: float = 0.2,
-    seed: int = 42,
+    split: Split = SeededSplit(),
     image_size: int = 64,
     window: Window = (-200.0, 300.0),
     *,
@@ -171,6 +128,7 @@ def site_datasets(
 ) -> SiteDatasets:
     """Read (or reuse) a site's images and split them into train/validation MONAI datasets.
 
+    `split` decides each case's side: a site passes its own `StoredSplit`;
     `window` is (low, high), a preset name or 'minmax'; `input_mode` '2d' makes each image or
     frame a sample, '3d' each series a volume (irregular series excluded or resampled, per
     `irregular`); `cache_dir` keeps the preprocessed arrays on disk for the next process;
@@ -193,7 +151,7 @@ def site_datasets(
                          preprocess=preprocess, cache_dir=cache_dir)
 
     site = _memoised(key, folder.resolve(), manifest_path, build)
-    train_idx, val_idx = split_indices(site.labels, val_fraction, seed, site.groups)
+    train_idx, val_idx = split(site.labels, site.groups)
     samples = _Samples(site.images, site.labels)
     # MONAI's Dataset applies `transform` to each data item: here the item is a sample index.
     classes, counts = np.unique(site.labels, return_counts=True)

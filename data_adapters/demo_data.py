@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -22,10 +23,15 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from fedcare.errors import SiteDataError
+from fedcare.sites import write_site_settings
 
 __all__ = ["write_demo_sites", "DEFAULT_CASES"]
 
 DEFAULT_CASES = (120, 300, 600)
+# Each demo site's own lifetime epsilon: site-0's is small on purpose, so the demo shows a site that
+# refuses the round that would overspend it while the federation goes on with the others.
+DEMO_BUDGET = 10.0
+DEMO_BUDGETS: Mapping[str, float] = {"site-0": 6.0}
 _INSTANCES_PER_SERIES = 10
 
 
@@ -233,20 +239,30 @@ def write_demo_sites(
     image_size: int = 64,
     *,
     overwrite: bool = False,
+    budgets: Mapping[str, float] = DEMO_BUDGETS,
+    policy: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Write `out/site-0 ... out/site-{sites-1}`, each with DICOM files and a labels.csv.
+    """Write `out/site-0 ... out/site-{sites-1}`, each with DICOM files, a labels.csv and its site.toml.
 
     Each site is written completely in a temporary folder beside `out` and then renamed into
     place, so an interrupted run never leaves a half-written site. Returns the site folders.
+    `budgets` gives sites a lifetime epsilon other than DEMO_BUDGET; `policy` adds settings to every
+    site's site.toml (e.g. {"dp-required": False} for runs without DP).
     """
-    return write_sites(out, sites, _case_counts(sites, cases), seed, image_size, _write_site, overwrite=overwrite)
+    return write_sites(out, sites, _case_counts(sites, cases), seed, image_size, _write_site, overwrite=overwrite,
+                       budgets=budgets, policy=policy)
 
 
 def write_sites(
     out: Path, sites: int, counts: list[int], seed: int, image_size: int,
     write_site: Callable[[Path, int, int, int, int], None], *, overwrite: bool = False,
+    budgets: Mapping[str, float] = DEMO_BUDGETS, policy: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Write each site with `write_site(folder, site, n_cases, seed, image_size)`, atomically per site."""
+    """Write each site with `write_site(folder, site, n_cases, seed, image_size)`, atomically per site.
+
+    Every site also gets its own settings file (fedcare.sites.SITE_FILE): a simulated site's lifetime
+    budget and privacy policy are the site's, as a deployed site's node config is.
+    """
     out = Path(out)
     _case_counts(sites, counts)
     if image_size < 16:
@@ -267,6 +283,7 @@ def write_sites(
             fresh = staging / target.name
             fresh.mkdir()
             write_site(fresh, site, n_cases, seed, image_size)
+            write_site_settings(fresh, **{"budget-epsilon": budgets.get(target.name, DEMO_BUDGET), **(policy or {})})
             if target.is_dir() and not target.is_symlink():
                 # Move the old copy aside first: a failure leaves the old or the new site, never a mix.
                 os.replace(target, staging / f"old-{target.name}")

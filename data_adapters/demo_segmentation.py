@@ -11,8 +11,9 @@ pure function of the seed. No real identities are written.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -146,9 +147,11 @@ def _write_segmentation_site(folder: Path, site: int, n_slices: int, seed: int, 
 
 def write_demo_segmentation_sites(
     out: Path, sites: int = 3, seed: int = 0, cases: Sequence[int] | None = None, image_size: int = 64,
-    *, overwrite: bool = False,
+    *, overwrite: bool = False, budgets: Mapping[str, float] | None = None, policy: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write `out/site-0 ...`: per site, CT series and a DICOM SEG for each; `cases` counts slices.
+
+    Every site gets DEMO_BUDGET as its lifetime epsilon unless `budgets` names it.
 
     Slice counts are rounded down to whole series of SLICES_PER_SERIES, and each site needs two
     series at least (one with a lesion, one without). Sites are written atomically as in the
@@ -158,4 +161,5 @@ def write_demo_segmentation_sites(
     if sites >= 1 and len(counts) == sites and min(counts) < 2 * SLICES_PER_SERIES:
         raise SiteDataError(f"segmentation demo data: every site needs at least {2 * SLICES_PER_SERIES} slices "
                             f"(two series), got cases={counts}")
-    return write_sites(out, sites, counts, seed, image_size, _write_segmentation_site, overwrite=overwrite)
+    return write_sites(out, sites, counts, seed, image_size, _write_segmentation_site, overwrite=overwrite,
+                       budgets=budgets or {}, policy=policy)

@@ -22,7 +22,8 @@ from monai.data import Dataset
 
 from fedcare.errors import SiteDataError
 
-from .dataset import SiteDatasets, _memoised, split_indices
+from .dataset import SiteDatasets, _memoised
+from .split import SeededSplit, Split
 from .decode import read_file
 from .dicom import require_folder
 from .headers import Unusable
@@ -130,17 +131,17 @@ class _SegmentedSlices:
 
 
 def segmentation_datasets(
-    folder: Path, val_fraction: float = 0.2, seed: int = 42, image_size: int = 64,
+    folder: Path, split: Split = SeededSplit(), image_size: int = 64,
     window: Window = (-200.0, 300.0),
 ) -> SiteDatasets:
-    """Read (or reuse, per process) a site's segmented series; split them by series into train/validation."""
+    """Read (or reuse, per process) a site's segmented series; `split` divides them by series."""
     folder = require_folder(folder)
     preprocess = Preprocess(window=window, image_size=image_size)
     key = (folder.resolve(), "segmentation", preprocess.fingerprint)
     site = _memoised(key, folder.resolve(), folder / ".no-manifest", lambda: read_segmentation_site(folder, preprocess))
     lesion_series = {g for g, m in zip(site.groups, site.masks) if m.any()}
     strata = np.array([int(g in lesion_series) for g in site.groups])
-    train_idx, val_idx = split_indices(strata, val_fraction, seed, site.groups)
+    train_idx, val_idx = split(strata, site.groups)
     has_lesion = np.array([int(m.any()) for m in site.masks])
     classes, counts = np.unique(has_lesion, return_counts=True)
     samples = _SegmentedSlices(site)

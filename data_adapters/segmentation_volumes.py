@@ -28,8 +28,10 @@ from monai.transforms import RandCropByPosNegLabeld, RandSpatialCropd, Spacingd,
 from monai.utils import convert_to_tensor
 
 from fedcare.errors import SiteDataError
+from fedcare.privacy.randomness import entropy_seed
 
-from .dataset import SiteDatasets, _memoised, split_indices
+from .dataset import SiteDatasets, _memoised
+from .split import SeededSplit, Split
 from .dicom import require_folder
 from .segmentation import SegmentedSeries, SeriesTally, no_segmented_series, segmented_series
 from .transforms import Window, apply_window, parse_patch_size, parse_spacing, parse_window
@@ -146,14 +148,14 @@ class _Volumes:
 
 
 def segmentation_volume_datasets(
-    folder: Path, val_fraction: float = 0.2, seed: int = 42, window: Window = "soft-tissue",
+    folder: Path, split: Split = SeededSplit(), window: Window = "soft-tissue",
     spacing: str = "1.0 1.0 2.0", patch_size: str = "32 32 8", irregular: str = "exclude",
     patch_seed: int | None = None,
 ) -> SiteDatasets:
-    """Read (or reuse, per process) a site's segmented volumes; split them by series into train/validation.
+    """Read (or reuse, per process) a site's segmented volumes; `split` divides them by series.
 
     `spacing` ("x y z", mm) and `patch_size` ("x y z", voxels) are the run config's strings;
-    `patch_seed` (default `seed`) draws the training patches, so each round can draw new ones.
+    `patch_seed` draws the training patches (a site passes none: then they come from its own entropy).
     """
     folder = require_folder(folder)
     patch = parse_patch_size(patch_size)
@@ -161,9 +163,9 @@ def segmentation_volume_datasets(
     site = _memoised(key, folder.resolve(), folder / ".no-manifest",
                      lambda: read_segmentation_volumes(folder, window, spacing, irregular))
     has_lesion = np.array([int(m.any()) for m in site.masks])
-    train_idx, val_idx = split_indices(has_lesion, val_fraction, seed, site.groups)
+    train_idx, val_idx = split(has_lesion, site.groups)
     classes, counts = np.unique(has_lesion, return_counts=True)
-    patches = _Patches(site, patch, seed if patch_seed is None else patch_seed)
+    patches = _Patches(site, patch, entropy_seed() % 2**32 if patch_seed is None else patch_seed)
     return SiteDatasets(
         train=Dataset(data=train_idx.tolist(), transform=patches),
         val=Dataset(data=val_idx.tolist(), transform=_Volumes(site)),

@@ -35,6 +35,8 @@ def demo_data(
     overwrite: bool = typer.Option(False, help="Replace existing site folders."),
     task: str = typer.Option("classification", help="classification (labels.csv) | segmentation (DICOM SEG; "
                              "--cases counts slices, in series of 10)."),
+    allow_without_dp: bool = typer.Option(False, help="Let the sites train without DP when a run asks "
+                                          "(dp-required = false in each site.toml); off by default."),
 ) -> None:
     """Write real DICOM files and a labels.csv (or DICOM SEG masks) for each simulated hospital."""
     from data_adapters import write_demo_segmentation_sites, write_demo_sites
@@ -44,7 +46,8 @@ def demo_data(
     counts = _int_list(cases, "--cases") if cases else None
     writer = write_demo_segmentation_sites if task == "segmentation" else write_demo_sites
     with console.status(f"Writing demo DICOM for {sites} sites..."):
-        folders = writer(out, sites=sites, seed=seed, cases=counts, overwrite=overwrite)
+        policy = {"dp-required": False} if allow_without_dp else None
+        folders = writer(out, sites=sites, seed=seed, cases=counts, overwrite=overwrite, policy=policy)
     table = Table("site", "folder", "DICOM files")
     for folder in folders:
         table.add_row(folder.name, str(folder), str(sum(1 for p in folder.rglob("*") if p.is_file()) - 1))

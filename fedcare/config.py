@@ -25,7 +25,6 @@ IRREGULAR_SERIES = ("exclude", "resample")
 LABEL_KEYS = ("", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "AccessionNumber",
               "image", "filename", "file", "path")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
-ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
 
 
@@ -53,8 +52,6 @@ class RunConfig:
     # rounds to pull the model out; weighting lesion pixels tenfold made the demo's sites find the
     # lesion in 2-3 rounds instead of 5-6 at epsilon 8.
     lesion_weight: float = 10.0
-    cache_dir: str = "decode-cache"
-    val_fraction: float = 0.2
     seed: int = 42
     data_root: str = "outputs/demo-data"
     sites_dir: str = "outputs/sites"
@@ -72,10 +69,7 @@ class RunConfig:
     target_epsilon: float = 8.0
     target_delta: float = 0.0
     max_grad_norm: float = 1.0
-    accountant: str = "rdp"
     grad_sample_mode: str = "auto"
-    site_budgets: str = ""
-    site_budget_epsilon: float = 10.0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RunConfig":
@@ -98,10 +92,6 @@ class RunConfig:
         """The config with its kebab-case keys, as written into metrics.json."""
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
-    def site_budget(self, site: str) -> float:
-        """The lifetime epsilon budget of a simulated site (deployed sites set theirs in node config)."""
-        return parse_site_budgets(self.site_budgets).get(site, self.site_budget_epsilon)
-
     def _check(self) -> None:
         positive = ("num_server_rounds", "local_epochs", "min_sites", "batch_size", "learning_rate",
                     "server_learning_rate", "max_update_norm_ratio",
@@ -109,8 +99,6 @@ class RunConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 _fail(name, getattr(self, name), "must be greater than 0")
-        if not 0.0 < self.val_fraction < 1.0:
-            _fail("val_fraction", self.val_fraction, "must be between 0 and 1 (exclusive)")
         if self.proximal_mu < 0:
             _fail("proximal_mu", self.proximal_mu, "must be 0 or positive")
         if not 0.0 <= self.trim_fraction < 0.5:
@@ -119,18 +107,14 @@ class RunConfig:
             _fail("noise_multiplier", self.noise_multiplier, "must be 0 (derive it) or positive")
         if not 0.0 <= self.target_delta < 1.0:
             _fail("target_delta", self.target_delta, "must be 0 (automatic) or in (0, 1)")
-        if self.site_budget_epsilon <= 0:
-            _fail("site_budget_epsilon", self.site_budget_epsilon, "must be greater than 0")
         for name, allowed in (("task", TASKS), ("model", MODELS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
                               ("data_format", DATA_FORMATS), ("input_mode", INPUT_MODES),
                               ("irregular_series", IRREGULAR_SERIES), ("label_key", LABEL_KEYS),
-                              ("accountant", ACCOUNTANTS),
                               ("grad_sample_mode", GRAD_SAMPLE_MODES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), "must be one of " + ", ".join(allowed))
         if self.model not in TASK_MODELS[self.task]:
             _fail("model", self.model, f"cannot do task '{self.task}'; use " + " or ".join(TASK_MODELS[self.task]))
-        parse_site_budgets(self.site_budgets)
         # The adapter owns what a window, a spacing and a patch size mean.
         from data_adapters.transforms import parse_patch_size, parse_spacing, parse_window
 
@@ -146,23 +130,6 @@ class RunConfig:
             if any(size % multiple for size in parse_patch_size(self.patch_size)):
                 _fail("patch_size", self.patch_size, f"must be a multiple of {multiple} voxels in x, y and z "
                       "(each level of the U-Net halves it), e.g. \"32 32 8\"")
-
-
-def parse_site_budgets(text: str) -> dict[str, float]:
-    """Parse 'site-0=8 site-2=3' into {'site-0': 8.0, 'site-2': 3.0}."""
-    budgets: dict[str, float] = {}
-    for item in text.replace(",", " ").split():
-        site, sep, value = item.partition("=")
-        try:
-            budgets[site] = float(value) if sep and site else -1.0
-        except ValueError:
-            budgets[site] = -1.0
-        if budgets[site] <= 0:
-            raise ConfigError(
-                f"run config: site-budgets entry '{item}' is not SITE=EPSILON with EPSILON > 0, "
-                "e.g. site-budgets = \"site-0=8 site-2=3\""
-            )
-    return budgets
 
 
 def read_preset(path: Path) -> dict[str, Any]:

@@ -18,14 +18,13 @@ from typing import Any, Iterator, Mapping
 from flwr.app import Message
 
 from fedcare.errors import FedcareError
+from fedcare.privacy.record import REPLY_FIELDS, REPLY_TEXT, TEXT_FIELDS
 
-ALLOWED_METRICS = {"train-loss", "num-examples", "loss", "accuracy", "auc", "dice"}
-# Strings a reply may carry: the site's name and the words of its privacy accounting, nothing else.
-ALLOWED_TEXT = {("site", "name"), ("privacy", "accountant"), ("privacy", "delta_rule"), ("privacy", "status")}
-PRIVACY_NUMBERS = {
-    "dp", "sample_rate", "noise_multiplier", "steps", "max_grad_norm", "delta", "budget_epsilon", "epsilon",
-    "epsilon_before", "epsilon_after", "history-noise-multiplier", "history-sample-rate", "history-steps",
-}
+# No training loss: it is an exact function of private batches, outside every accountant.
+ALLOWED_METRICS = {"num-examples", "loss", "accuracy", "auc", "dice"}
+# Strings a reply may carry: the site's name, the words of its privacy accounting, why it refused.
+ALLOWED_TEXT = {("site", "name"), ("refusal", "reason"), *(("privacy", key) for key in REPLY_TEXT + TEXT_FIELDS)}
+PRIVACY_NUMBERS = REPLY_FIELDS - set(REPLY_TEXT) - set(TEXT_FIELDS)
 
 
 def reply_entry(reply: Message, run_id: int | str, server_round: int, model: str) -> dict[str, Any]:
@@ -59,6 +58,21 @@ def append_entry(log_path: Path, entry: dict[str, Any]) -> None:
         handle.write(json.dumps(entry, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def count_replies(log_path: Path, run_id: str, message_type: str) -> int:
+    """How many answered (not failed, not refused) replies of `message_type` this run got from the site."""
+    if not log_path.is_file():
+        return 0
+    count = 0
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        answered = entry.get("type") == message_type and not entry.get("error") and "refusal" not in entry["config"]
+        count += entry.get("run") == str(run_id) and answered
+    return count
 
 
 THREE_D = "-3d"

@@ -30,6 +30,19 @@ class LedgerError(FedcareError):
     kind = "the site's privacy ledger is missing, corrupted or tampered with, so it does not train"
 
 
+class LedgerBusy(FedcareError):
+    """Another run holds the site's ledger for a round of its own."""
+
+    kind = "another run is training a round on the site's privacy ledger; retry after its round"
+
+
+class StateError(FedcareError):
+    """A site's state folder shows earlier participation but its ledger is gone."""
+
+    kind = ("the site's state folder shows earlier rounds but no privacy ledger, so it does not train "
+            "until its operator re-initialises it")
+
+
 # A site that cannot do what the server asked replies with a Flower Error carrying this code and
 # the reason "<site name>: <kind of problem>", so the server can file the failure under the right site.
 SITE_ERROR_CODE = 4101

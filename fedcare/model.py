@@ -36,8 +36,17 @@ UNET_CHANNELS = (8, 16, 32, 64)
 
 
 def build_model(config: RunConfig) -> nn.Module:
-    """A fresh, seeded network for the run's task; the same config gives the same weights."""
-    torch.manual_seed(config.seed)
+    """A fresh, seeded network for the run's task; the same config gives the same weights.
+
+    The run's seed is used in a forked generator state only, so building a model leaves torch's
+    global generator as it was: a site draws nothing afterwards from a state the coordinator set.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _build(config)
+
+
+def _build(config: RunConfig) -> nn.Module:
     spatial_dims = 3 if config.input_mode == "3d" else 2
     if config.model == "small-cnn":
         model = small_cnn(spatial_dims)

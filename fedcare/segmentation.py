@@ -92,7 +92,7 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, batch_size: int,
     _require_validation(dataset)
     model.eval()
     total_loss, tally = 0.0, LesionTally()
-    for images, masks in make_loader(dataset, batch_size, seed=0, shuffle=False):
+    for images, masks in make_loader(dataset, batch_size, None, shuffle=False):
         logits = model(images)
         total_loss += float(loss_fn(logits, masks)) * len(masks)
         tally.add(logits.argmax(dim=1), masks)

@@ -1,71 +1,116 @@
-"""Who a site is and where it keeps its own things: data folder, state folder, privacy budget.
+"""Who a site is and what it keeps for itself: name, data folder, state folder and privacy policy.
 
-In deployment each hospital's SuperNode passes these in its node config; in simulation Flower
-only gives `partition-id`, so a simulated site is `site-<partition-id>` with its data under the
-run's `data-root` and its state under `sites-dir`, kept across runs exactly as a real site's.
+In deployment each hospital's SuperNode passes these in its node config. In simulation Flower only
+gives `partition-id`, so a simulated site is the folder `site-<partition-id>` under the run's
+`data-root`, and its settings are the file `site.toml` in that folder (written by `fedcare
+demo-data`, or by the site's operator): the same keys as a node config, read by the same code, so
+a simulated site refuses what a deployed one refuses. No setting that protects a site is ever
+taken from the run config.
 """
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import tomli_w
+
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
+from fedcare.policy import POLICY_KEYS, SitePolicy
 
-NODE_KEYS = ("site-name", "data-path", "state-path", "budget-epsilon", "budget-delta")
+SITE_FILE = "site.toml"
+DEFAULT_CACHE = "decode-cache"
+NODE_KEYS = ("site-name", "data-path", "state-path", "cache-dir", *POLICY_KEYS)
 
 
 @dataclass(frozen=True)
 class Site:
-    """One hospital: its name, its DICOM folder, its state folder and its lifetime budget."""
+    """One hospital: its name, its DICOM folder, its state folder and its privacy policy."""
 
     name: str
     data_path: Path
     state_path: Path
-    budget_epsilon: float
-    budget_delta: float  # 0.0: derived from the site's number of training samples
+    policy: SitePolicy
+    cache_dir: str = DEFAULT_CACHE  # under the state folder; "" keeps no decode cache
 
     @property
     def ledger_path(self) -> Path:
         return self.state_path / "ledger.jsonl"
 
+    @property
+    def cache_path(self) -> Path | None:
+        return self.state_path / self.cache_dir if self.cache_dir else None
+
+    @property
+    def egress_path(self) -> Path:
+        return self.state_path / "egress.jsonl"
+
+    @property
+    def split_path(self) -> Path:
+        return self.state_path / "split.json"
+
 
 def site_from_node_config(node_config: Mapping[str, Any], run: RunConfig) -> Site:
-    """Resolve the site this ClientApp runs for, from its node config."""
+    """Resolve the site this ClientApp runs for, from its node config (or its site.toml in simulation)."""
     if "partition-id" in node_config and "data-path" not in node_config:
-        name = f"site-{int(node_config['partition-id'])}"
-        return Site(
-            name=name,
-            data_path=Path(run.data_root) / name,
-            state_path=Path(run.sites_dir) / name,
-            budget_epsilon=run.site_budget(name),
-            budget_delta=run.target_delta,
-        )
-    unknown = sorted(set(node_config) - set(NODE_KEYS))
+        return simulated_site(Path(run.data_root) / f"site-{int(node_config['partition-id'])}", Path(run.sites_dir))
+    return site_from_settings(node_config, "node config")
+
+
+def simulated_site(folder: Path, sites_dir: Path) -> Site:
+    """A simulated site from the settings file in its folder; its state defaults to `sites_dir`/<name>."""
+    settings = read_site_settings(folder)
+    source = str(folder / SITE_FILE)
+    name = str(settings.get("site-name", folder.name))
+    # A state-path in the file is relative to the site's folder; without one, the site's state lies in sites-dir.
+    state = folder / str(settings["state-path"]) if "state-path" in settings else sites_dir / name
+    values = {**settings, "site-name": name, "data-path": str(folder), "state-path": str(state)}
+    return site_from_settings(values, source)
+
+
+def site_from_settings(settings: Mapping[str, Any], source: str) -> Site:
+    """A site from its own settings; unknown keys, missing folders or a missing budget stop here."""
+    unknown = sorted(set(settings) - set(NODE_KEYS))
     if unknown:
-        raise ConfigError(f"node config: unknown key '{unknown[0]}'; known keys: {', '.join(NODE_KEYS)}")
+        raise ConfigError(f"{source}: unknown key '{unknown[0]}'; known keys: {', '.join(NODE_KEYS)}")
     for key in ("site-name", "data-path", "state-path"):
-        if not str(node_config.get(key, "")).strip():
-            raise ConfigError(f"node config: '{key}' is missing; pass it with --node-config")
+        if not str(settings.get(key, "")).strip():
+            raise ConfigError(f"{source}: '{key}' is missing; set it in the site's own settings")
+    cache_dir = str(settings.get("cache-dir", DEFAULT_CACHE))
+    if Path(cache_dir).is_absolute() or ".." in Path(cache_dir).parts:
+        raise ConfigError(f"{source}: 'cache-dir' = {cache_dir!r} must be a folder name inside the state folder")
     return Site(
-        name=str(node_config["site-name"]),
-        data_path=Path(str(node_config["data-path"])),
-        state_path=Path(str(node_config["state-path"])),
-        budget_epsilon=_positive(node_config, "budget-epsilon", run.site_budget_epsilon),
-        budget_delta=_delta(node_config.get("budget-delta", 0.0)),
+        name=str(settings["site-name"]),
+        data_path=Path(str(settings["data-path"])),
+        state_path=Path(str(settings["state-path"])),
+        policy=SitePolicy.from_settings(settings, source),
+        cache_dir=cache_dir,
     )
 
 
-def _positive(node_config: Mapping[str, Any], key: str, default: float) -> float:
-    value = node_config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"node config: '{key}' = {value!r} must be a number greater than 0")
-    return float(value)
+def read_site_settings(folder: Path) -> dict[str, Any]:
+    """The keys of a simulated site's `site.toml`; a missing or broken file stops with one line."""
+    path = Path(folder) / SITE_FILE
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: the site's settings file is missing; a site sets its own budget there "
+                          "(e.g. budget-epsilon = 8.0); `fedcare demo-data` writes one per demo site") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
 
 
-def _delta(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ConfigError(f"node config: 'budget-delta' = {value!r} must be 0 (automatic) or in (0, 1)")
-    return float(value)
+def write_site_settings(folder: Path, **values: Any) -> Path:
+    """Write or update a simulated site's `site.toml` (keys in snake case or kebab case)."""
+    path = Path(folder) / SITE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current = read_site_settings(folder) if path.is_file() else {}
+    current.update({key.replace("_", "-"): value for key, value in values.items()})
+    site_from_settings({"site-name": "x", "data-path": "x", "state-path": "x", **current}, str(path))
+    path.write_text("# This site's own settings: the run config can ask, only this file decides.\n"
+                    + tomli_w.dumps(current))
+    return path

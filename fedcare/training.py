@@ -18,11 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedcare.config import RunConfig
+from fedcare.privacy.randomness import site_generator
 
 
-def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
+def make_loader(dataset: Dataset, batch_size: int, generator: torch.Generator | None, shuffle: bool) -> DataLoader:
+    """A loader drawing its order from `generator` (on a site: one seeded from the site's own entropy)."""
     # num_workers=0: MONAI datasets in worker processes are a known source of segfaults under Flower.
-    generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
 
 
@@ -106,10 +107,9 @@ def noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
-def train_plain(model: nn.Module, dataset: Dataset, config: RunConfig, round_seed: int,
-                proximal_mu: float = 0.0) -> float:
-    """Ordinary local training, used when the run switches DP off."""
-    loader = make_loader(dataset, config.batch_size, round_seed, shuffle=True)
+def train_plain(model: nn.Module, dataset: Dataset, config: RunConfig, proximal_mu: float = 0.0) -> float:
+    """Ordinary local training, for a round the site's policy lets run without DP."""
+    loader = make_loader(dataset, config.batch_size, site_generator(), shuffle=True)
     return train_epochs(model, loader, make_optimizer(model, config, proximal_mu), config.local_epochs,
                         task_loss(config))
 
@@ -120,7 +120,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int) -> dict[str, f
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss, scores, targets = 0.0, [], []
-    for images, labels in make_loader(dataset, batch_size, seed=0, shuffle=False):
+    for images, labels in make_loader(dataset, batch_size, None, shuffle=False):
         logits = model(images)
         total_loss += float(loss_fn(logits, labels))
         scores.append(torch.softmax(logits, dim=1)[:, 1].numpy())

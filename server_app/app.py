@@ -78,7 +78,7 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     document.update(resumed_from_round=resumed_from, stopped=stopped)
     folder.write_json("metrics.json", document)
     folder.path("metrics.png").write_bytes(metrics_plot(document))
-    write_privacy_report(folder.staging, privacy_report_data(strategy.log.privacy, run_id, config.dp))
+    write_privacy_report(folder.staging, privacy_report_data(strategy.log.privacy, strategy.log.rounds, run_id, config.dp))
     notes = [
         f"Strategy: {config.strategy}; rounds {resumed_from + 1} to {config.num_server_rounds}"
         + (f" (resumed from the checkpoint at round {resumed_from})" if resumed_from else ""),

@@ -1,32 +1,61 @@
 """Turn the privacy numbers the sites sent back into the run's privacy report data.
 
-Sites send only numbers (q, sigma, steps, C, delta, cumulative epsilon and their lifetime
-history); the report's independent check recomputes epsilon from that history on the server.
+Sites send only numbers (the round's `PrivacyRecord`, its status and their lifetime history); the
+report's independent check recomputes epsilon from that history on the server. What left a site
+outside the DP guarantee is listed too: rounds a site's policy let run without DP, and how many
+validation results each site sent.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fedcare.privacy.record import FIELDS, PrivacyRecord
 
-def privacy_report_data(privacy: dict[int, dict[str, dict[str, Any]]], run_id: str, dp: bool) -> dict[str, Any]:
-    """Per site: its budget, what it has spent, and each round of this run it trained or refused."""
+ROUND_FIELDS = ("sample_rate", "noise_multiplier", "steps", "max_grad_norm", "epsilon", "mechanism")
+
+
+def privacy_report_data(privacy: dict[int, dict[str, dict[str, Any]]], rounds: dict[int, dict[str, dict[str, Any]]],
+                        run_id: str, dp: bool) -> dict[str, Any]:
+    """Per site: its budget, what it has spent, each round of this run it trained or refused, what else left it."""
     sites: dict[str, dict[str, Any]] = {}
     for server_round in sorted(privacy):
         for name, numbers in sorted(privacy[server_round].items()):
-            if not numbers.get("dp"):
+            site = sites.setdefault(name, {"rounds": [], "refused_rounds": [], "unbounded_rounds": [], "status": "ok"})
+            if not all(key in numbers for key in FIELDS):  # refused before the site planned anything
+                site["refused_rounds"].append(server_round)
+                site["status"] = "refused" if site["status"] == "ok" else site["status"]
                 continue
-            site = sites.setdefault(name, {"rounds": [], "refused_rounds": [], "status": "ok"})
+            record = PrivacyRecord.from_dict(numbers)
             site.update(
-                accountant=numbers["accountant"], delta=numbers["delta"], delta_rule=numbers["delta_rule"],
-                budget_epsilon=numbers["budget_epsilon"], epsilon=numbers["epsilon"],
+                accountant=record.accountant, delta=record.delta, delta_rule=numbers["delta_rule"],
+                budget_epsilon=record.budget_epsilon, epsilon=record.epsilon,
                 history=[list(h) for h in zip(numbers["history-noise-multiplier"],
                                               numbers["history-sample-rate"], numbers["history-steps"])],
             )
-            if numbers["status"] == "ok":
-                site["rounds"].append({k: numbers[k] for k in (
-                    "sample_rate", "noise_multiplier", "steps", "max_grad_norm", "epsilon")} | {"round": server_round})
-            else:
+            if numbers["status"] != "ok":
                 site["refused_rounds"].append(server_round)
-                site["status"] = "budget-exhausted"
+                site["status"] = numbers["status"]
+            elif record.private:
+                site["rounds"].append({k: numbers[k] for k in ROUND_FIELDS} | {"round": server_round})
+            else:
+                site["unbounded_rounds"].append(server_round)
+    for site in sites.values():
+        site.setdefault("accountant", "rdp")
+        site.setdefault("delta", 0.0)
+        site.setdefault("budget_epsilon", 0.0)
+        site.setdefault("epsilon", 0.0)
+    for name, count in validation_releases(rounds).items():
+        sites.setdefault(name, {"rounds": [], "refused_rounds": [], "unbounded_rounds": [], "status": "ok",
+                                "accountant": "rdp", "delta": 0.0, "budget_epsilon": 0.0, "epsilon": 0.0})
+        sites[name]["validation_releases"] = count
     return {"dp": dp, "run_id": run_id, "sites": sites}
+
+
+def validation_releases(rounds: dict[int, dict[str, dict[str, Any]]]) -> dict[str, int]:
+    """How many validation results (loss and the task's metrics on the site's own split) each site sent."""
+    counts: dict[str, int] = {}
+    for sites in rounds.values():
+        for name, entry in sites.items():
+            counts[name] = counts.get(name, 0) + (entry.get("evaluate_status") == "ok")
+    return counts

@@ -1,4 +1,4 @@
-"""What happened at each site in each round: trained, refused (budget), rejected, failed, or silent.
+"""What happened at each site in each round: trained, refused (budget or policy), rejected, failed, or silent.
 
 The log files every reply by site before the strategy aggregates (see `server_app.strategies`),
 so a refusal or a failure is recorded with its reason and never mistaken for an update.
@@ -61,17 +61,14 @@ class RoundLog:
                 continue
             if "privacy" in msg.content:
                 self.privacy.setdefault(server_round, {})[site] = dict(msg.content["privacy"])
-            if stage == "train" and "arrays" not in msg.content:
-                numbers = msg.content["privacy"]
-                entry["train_status"] = "refused"
-                entry["train_error"] = (f"privacy budget exhausted: this round would take epsilon to "
-                                        f"{numbers['epsilon_after']:.2f}, over the site's budget "
-                                        f"{numbers['budget_epsilon']:.2f}")
+            refusal = refusal_reason(msg)
+            if refusal:
+                entry[f"{stage}_status"], entry[f"{stage}_error"] = "refused", refusal
                 continue
             entry[f"{stage}_status"] = "ok"
             metrics = dict(msg.content["metrics"])
             if stage == "train":
-                entry.update(train_loss=metrics["train-loss"], num_train_examples=int(metrics["num-examples"]))
+                entry.update(num_train_examples=int(metrics["num-examples"]))
             else:
                 # Whatever the task reports (loss, accuracy, auc; or loss, dice), filed under its own name.
                 entry.update({k: v for k, v in metrics.items() if k != "num-examples"},
@@ -92,3 +89,16 @@ class RoundLog:
         messages = list(messages)
         self.expected[(server_round, stage)] = messages
         return messages
+
+
+def refusal_reason(msg: Message) -> str | None:
+    """Why a site refused what it was asked (a train round, an evaluation), or None if it answered."""
+    if "refusal" in msg.content:
+        return str(msg.content["refusal"]["reason"])
+    if "arrays" in msg.content or "privacy" not in msg.content:
+        return None
+    numbers = msg.content["privacy"]
+    if numbers.get("status") == "budget-exhausted":
+        return (f"privacy budget exhausted: this round would take epsilon to {numbers['epsilon_after']:.2f}, "
+                f"over the site's budget {numbers['budget_epsilon']:.2f}")
+    return f"refused by the site's privacy policy: {numbers.get('reason', 'no reason given')}"

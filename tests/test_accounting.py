@@ -33,12 +33,24 @@ def test_round_by_round_equals_one_event_of_all_steps(official):
     name = official.mechanism()
     one_event = accounting.epsilon([(1.0, Q, 48)], 1e-5, name)
     assert accounting.epsilon([ROUND] * 3, 1e-5, name) == pytest.approx(one_event, rel=1e-9)
-    assert opacus_epsilon([ROUND] * 3, 1e-5, official) == pytest.approx(one_event, rel=1e-9)
+    assert accounting.opacus_epsilon([ROUND] * 3, 1e-5, name) == pytest.approx(opacus_epsilon([ROUND] * 3, 1e-5, official), rel=1e-9)
+
+
+@pytest.mark.parametrize("accountant, method", [("rdp", "rdp"), ("prv", "pld")])
+def test_the_enforced_epsilon_is_never_below_the_independent_recomputation(accountant, method):
+    """The demo's site-0 case: Opacus RDP said 7.999 where dp-accounting RDP said 8.05."""
+    history = [(0.9, 1 / 3, 6)] * 3 + [(1.4, 1 / 10, 30)]
+    enforced = accounting.epsilon(history, 1e-5, accountant)
+    independent = accounting.independent_epsilons(history, 1e-5)[method]
+    assert enforced >= independent * (1 - 1e-3)
+    assert enforced >= accounting.opacus_epsilon(history, 1e-5, accountant)
+    assert accounting.check_agreement(enforced, accounting.independent_epsilons(history, 1e-5), accountant) is None \
+        or "LOWER" not in accounting.check_agreement(enforced, accounting.independent_epsilons(history, 1e-5), accountant)
 
 
 def test_events_with_different_sigma_are_all_counted():
     history = [ROUND, (2.0, Q, 16), ROUND, (1.0, 0.1, 5)]
-    assert accounting.epsilon(history, 1e-5) == pytest.approx(opacus_epsilon(history, 1e-5), rel=1e-12)
+    assert accounting.epsilon(history, 1e-5) == pytest.approx(opacus_epsilon(history, 1e-5), rel=1e-3)
     assert accounting.epsilon(history, 1e-5) > accounting.epsilon(history[:3], 1e-5)
 
 
@@ -112,16 +124,17 @@ def test_noise_multiplier_for_an_unreachable_target():
         accounting.noise_multiplier_for(1e-4, 1e-5, Q, 800)
 
 
-@pytest.mark.parametrize("samples, delta", [(96, 1e-3), (480, 2e-4), (125, 8e-4), (100, 1e-3), (1, 0.1), (60000, 1e-6)])
+@pytest.mark.parametrize("samples, delta", [(96, 1e-5), (480, 1e-5), (1, 1e-5), (10_000, 1e-5), (12_500, 8e-6), (60000, 1e-6)])
 def test_default_delta_examples(samples, delta):
     assert accounting.default_delta(samples) == delta
 
 
-def test_default_delta_is_below_a_tenth_of_one_over_n_with_one_significant_figure():
-    for samples in range(1, 5000):
+def test_default_delta_is_below_a_tenth_of_one_over_n_with_one_significant_figure_and_at_most_1e_5():
+    for samples in [*range(1, 5000), *range(5000, 200_000, 997)]:
         delta = accounting.default_delta(samples)
         assert delta <= 1 / (10 * samples) < 1 / samples
-        assert delta > 1 / (100 * samples)
+        assert delta <= 1e-5
+        assert delta > min(1e-5, 1 / (10 * samples)) / 10
         assert float(f"{delta:.0e}") == delta
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedcare.config import RunConfig, load_preset, parse_site_budgets
+from fedcare.config import RunConfig, load_preset
 from fedcare.errors import ConfigError
-from fedcare.sites import site_from_node_config
+from fedcare.sites import site_from_node_config, write_site_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,8 @@ def test_node_config_example_is_a_valid_site():
     ({"learning-rate": "fast"}, "learning-rate"),
     ({"dp": 1}, "dp"),
     ({"accountant": "moments"}, "accountant"),
-    ({"val-fraction": 1.0}, "val-fraction"),
-    ({"site-budgets": "site-0=eight"}, "site-0=eight"),
+    ({"val-fraction": 0.5}, "val-fraction"),
+    ({"site-budget-epsilon": 1e9}, "site-budget-epsilon"),
     ({"model": "resnet"}, "model"),
 ])
 def test_wrong_key_or_value_names_it(values, named):
@@ -56,24 +56,35 @@ def test_wrong_key_or_value_names_it(values, named):
     assert "\n" not in str(caught.value)
 
 
-def test_site_budgets_parse_and_default():
-    config = RunConfig.from_mapping({"site-budgets": "site-0=4 site-2=2.5", "site-budget-epsilon": 9})
-    assert parse_site_budgets(config.site_budgets) == {"site-0": 4.0, "site-2": 2.5}
-    assert config.site_budget("site-1") == 9.0
-
-
-def test_simulated_and_deployed_sites_resolve_their_own_folders():
-    config = RunConfig.from_mapping({"data-root": "/d", "sites-dir": "/s", "site-budgets": "site-1=3"})
+def test_simulated_and_deployed_sites_resolve_their_own_folders_and_policies(tmp_path):
+    config = RunConfig.from_mapping({"data-root": str(tmp_path / "d"), "sites-dir": "/s"})
+    write_site_settings(tmp_path / "d" / "site-1", budget_epsilon=3, min_noise_multiplier=0.8)
     simulated = site_from_node_config({"partition-id": 1, "num-partitions": 3}, config)
-    assert (simulated.name, simulated.data_path, simulated.state_path, simulated.budget_epsilon) == (
-        "site-1", Path("/d/site-1"), Path("/s/site-1"), 3.0)
+    assert (simulated.name, simulated.data_path, simulated.state_path, simulated.policy.budget_epsilon) == (
+        "site-1", tmp_path / "d" / "site-1", Path("/s/site-1"), 3.0)
+    assert simulated.policy.min_noise_multiplier == 0.8 and simulated.policy.dp_required
     deployed = site_from_node_config(
         {"site-name": "st-olav", "data-path": "/data", "state-path": "/state", "budget-epsilon": 6.0}, config)
-    assert deployed.ledger_path == Path("/state/ledger.jsonl") and deployed.budget_epsilon == 6.0
+    assert deployed.ledger_path == Path("/state/ledger.jsonl") and deployed.policy.budget_epsilon == 6.0
     with pytest.raises(ConfigError, match="state-path"):
         site_from_node_config({"site-name": "x", "data-path": "/data"}, config)
     with pytest.raises(ConfigError, match="budget-epsilon"):
         site_from_node_config({"site-name": "x", "data-path": "/d", "state-path": "/s", "budget-epsilon": -1}, config)
+    with pytest.raises(ConfigError, match="cache-dir"):
+        site_from_node_config({"site-name": "x", "data-path": "/d", "state-path": "/s", "budget-epsilon": 1.0,
+                               "cache-dir": "../elsewhere"}, config)
+
+
+def test_a_deployed_site_without_a_budget_stops_in_one_line_naming_the_setting():
+    with pytest.raises(ConfigError) as caught:
+        site_from_node_config({"site-name": "x", "data-path": "/d", "state-path": "/s"}, RunConfig())
+    assert "'budget-epsilon' is missing" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_simulated_site_without_its_settings_file_stops_in_one_line(tmp_path):
+    (tmp_path / "site-0").mkdir()
+    with pytest.raises(ConfigError, match="site.toml"):
+        site_from_node_config({"partition-id": 0, "num-partitions": 1}, RunConfig(data_root=str(tmp_path)))
 
 
 def test_cli_check_config_reports_a_wrong_key_in_one_line(tmp_path):

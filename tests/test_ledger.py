@@ -9,9 +9,11 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from fedcare.errors import LedgerError
+from fedcare.errors import LedgerBusy, LedgerError
 from fedcare.privacy import accounting
-from fedcare.privacy.ledger import GENESIS_HASH, Ledger, write_atomic
+from fedcare.atomic import write_atomic
+from fedcare.privacy.ledger import GENESIS_HASH, Ledger
+from fedcare.privacy.record import DP_SGD, NO_DP, PrivacyRecord
 
 Q = 1 / 16
 
@@ -81,9 +83,35 @@ def test_append_and_read_back(three_rounds):
 
 def test_each_entry_is_verified_with_its_own_accountant(ledger):
     record(ledger, round=1)
-    prv = record(ledger, round=2, accountant="prv", delta=1e-6)
+    prv = record(ledger, round=2, accountant="prv")
     assert ledger.entries()[-1] == prv
-    assert prv.epsilon == pytest.approx(accounting.epsilon([(1.0, Q, 16)] * 2, 1e-6, "prv"))
+    assert prv.epsilon == pytest.approx(accounting.epsilon([(1.0, Q, 16)] * 2, 1e-5, "prv"))
+
+
+def test_the_first_entry_fixes_delta_for_the_ledgers_lifetime(ledger):
+    record(ledger, round=1, delta=1e-5)
+    with pytest.raises(LedgerError, match="fixed by its first entry"):
+        record(ledger, round=2, delta=1e-6)
+    assert ledger.delta() == 1e-5 and len(ledger.entries()) == 1
+
+
+def test_a_round_without_dp_is_recorded_as_an_unbounded_release_that_adds_no_epsilon(ledger):
+    first = record(ledger, round=1)
+    plain = ledger.append_record("run-1", 2, PrivacyRecord(NO_DP, 1.0, 0.0, 16, 1.0, 1e-5, "rdp", first.epsilon, 8.0))
+    assert not plain.private and ledger.entries()[-1] == plain
+    assert ledger.history() == [(1.0, Q, 16)]
+    with pytest.raises(LedgerError, match="noise_multiplier"):
+        ledger.append_record("run-1", 3, PrivacyRecord(DP_SGD, 1.0, 0.0, 16, 1.0, 1e-5, "rdp", first.epsilon, 8.0))
+
+
+def test_a_held_ledger_refuses_another_round_until_released(ledger):
+    with ledger.hold():
+        record(ledger, round=1)  # the holder itself records as usual
+        with pytest.raises(LedgerBusy, match="retry after its round"):
+            with Ledger(ledger.path).hold():
+                pass
+    with Ledger(ledger.path).hold() as again:
+        assert len(again.entries()) == 1
 
 
 def test_spending_survives_a_restart(three_rounds):

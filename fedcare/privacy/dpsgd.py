@@ -1,13 +1,16 @@
-"""DP-SGD on one site: plan a round against the site's lifetime budget, then train it with Opacus.
+"""DP-SGD on one site: plan a round against the site's policy and ledger, then train it with Opacus.
 
-The plan is made before any data is touched: the noise multiplier comes from the whole planned
-run (never from one round), and the epsilon after this round is computed from the site's ledger
-history plus this round's steps. A round the budget cannot cover is not trained at all.
+The plan is made before any step is taken: the noise multiplier comes from the whole planned run
+(never from one round), delta is the one the ledger's first entry fixed, and the epsilon after this
+round is computed from the site's ledger plus this round's steps. A round the site's policy or
+budget does not allow is not trained at all. Noise and batch sampling draw from generators seeded
+from the site's own entropy each round (`fedcare.privacy.randomness`), never from the run config.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import dataclass, replace
 
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
@@ -17,56 +20,103 @@ from torch.utils.data import DataLoader, Dataset
 from fedcare.config import RunConfig
 from fedcare.model import grad_sample_mode
 from fedcare.privacy.accounting import default_delta, epsilon, epsilon_after, noise_multiplier_for
-from fedcare.privacy.ledger import Ledger
+from fedcare.privacy.ledger import Ledger, LedgerEntry, private_history
+from fedcare.privacy.randomness import site_generator
+from fedcare.privacy.record import DP_SGD, FIELDS, NO_DP, PrivacyRecord
 from fedcare.sites import Site
 from fedcare.training import make_loader, make_optimizer, steps_per_epoch, task_loss, train_epochs
 
 History = list[tuple[float, float, int]]
 
+# Opacus warns on every engine that secure_mode is off; the site's generators replace it, and the
+# privacy report states what they are (fedcare.privacy.randomness), so the repeat says nothing new.
+warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What one round of DP-SGD on this site will spend, fixed before training starts."""
+    """What one round on this site will release, fixed before training starts, and whether the site allows it."""
 
-    sample_rate: float
-    noise_multiplier: float
-    steps: int
-    max_grad_norm: float
-    delta: float
+    record: PrivacyRecord     # its epsilon is the lifetime epsilon after the round
     delta_rule: str
-    accountant: str
-    budget_epsilon: float
     epsilon_before: float
-    epsilon_after: float
+    refusal: str | None = None
+    status: str = "ok"        # ok | budget-exhausted | refused
 
     @property
     def affordable(self) -> bool:
-        return self.epsilon_after <= self.budget_epsilon
+        return self.refusal is None
 
-    def to_dict(self) -> dict[str, float | int | str | bool]:
-        return asdict(self)
+    def __getattr__(self, name: str) -> object:
+        # The round's figures read as the plan's own: plan.noise_multiplier, plan.delta, plan.steps.
+        if name in FIELDS:
+            return getattr(self.record, name)
+        raise AttributeError(name)
+
+    @property
+    def epsilon_after(self) -> float:
+        return self.record.epsilon
+
+    def reply_fields(self) -> dict[str, float | int | str]:
+        """The plan as a train reply's privacy record carries it."""
+        fields = {**self.record.to_dict(), "delta_rule": self.delta_rule, "epsilon_before": self.epsilon_before,
+                  "epsilon_after": self.record.epsilon, "status": self.status}
+        return fields | ({"reason": self.refusal} if self.refusal else {})
 
 
-def plan_round(config: RunConfig, site: Site, num_train: int, history: History) -> RoundPlan:
-    """Plan this round: q and steps from the site's data, sigma from the whole run's target."""
+def site_delta(site: Site, num_train: int, entries: list[LedgerEntry]) -> tuple[float, str, str | None]:
+    """(delta, how it was chosen, refusal): the ledger's delta once it has one, else the site's rule."""
+    configured = site.policy.budget_delta
+    if entries:
+        fixed = entries[0].delta
+        if configured and configured != fixed:
+            return fixed, "fixed by the ledger's first entry", (
+                f"this site's budget-delta {configured:g} differs from its ledger's delta {fixed:g}, fixed at its "
+                "first round; set budget-delta back to it (or 0)")
+        return fixed, "fixed by the ledger's first entry", None
+    if configured:
+        return configured, "set by the site", None
+    return default_delta(num_train), f"the smaller of 1e-5 and 1/(10 N) rounded down, N = {num_train} at the first round", None
+
+
+def plan_round(config: RunConfig, site: Site, num_train: int, entries: list[LedgerEntry], run_id: str) -> RoundPlan:
+    """Plan this round: q and steps from the site's data, sigma from the whole run's target, limits from the policy."""
+    policy = site.policy
     epoch_steps = steps_per_epoch(num_train, config.batch_size)
     sample_rate = 1.0 / epoch_steps
     round_steps = config.local_epochs * epoch_steps
-    if site.budget_delta > 0:
-        delta, delta_rule = site.budget_delta, "set by the site"
-    else:
-        delta, delta_rule = default_delta(num_train), f"1/(10 N) rounded down, N = {num_train}"
+    delta, delta_rule, refusal = site_delta(site, num_train, entries)
+    history = private_history(entries)
     sigma = config.noise_multiplier or noise_multiplier_for(
         target_epsilon=config.target_epsilon, delta=delta, sample_rate=sample_rate,
-        steps=config.num_server_rounds * round_steps, accountant=config.accountant,
+        steps=config.num_server_rounds * round_steps, accountant=policy.accountant,
     )
-    return RoundPlan(
-        sample_rate=sample_rate, noise_multiplier=sigma, steps=round_steps,
-        max_grad_norm=config.max_grad_norm, delta=delta, delta_rule=delta_rule,
-        accountant=config.accountant, budget_epsilon=site.budget_epsilon,
-        epsilon_before=epsilon(history, delta, config.accountant),
-        epsilon_after=epsilon_after(history, sigma, sample_rate, round_steps, delta, config.accountant),
-    )
+    before = epsilon(history, delta, policy.accountant)
+    after = epsilon_after(history, sigma, sample_rate, round_steps, delta, policy.accountant)
+    this_run = private_history([entry for entry in entries if entry.run_id == run_id])
+    run_after = epsilon_after(this_run, sigma, sample_rate, round_steps, delta, policy.accountant)
+    record = PrivacyRecord(DP_SGD, sample_rate, sigma, round_steps, config.max_grad_norm, delta, policy.accountant,
+                           after, policy.budget_epsilon)
+    refusal = refusal or policy.delta_refusal(config.target_delta, delta) or policy.noise_refusal(sigma)
+    if refusal:
+        return RoundPlan(record, delta_rule, before, refusal, "refused")
+    if after > policy.budget_epsilon:
+        return RoundPlan(record, delta_rule, before, f"epsilon would reach {after:.3f}, over the site's lifetime "
+                         f"budget {policy.budget_epsilon:g}", "budget-exhausted")
+    if policy.max_run_epsilon and run_after > policy.max_run_epsilon:
+        return RoundPlan(record, delta_rule, before, f"this run would spend epsilon {run_after:.3f} at this site, "
+                         f"over the {policy.max_run_epsilon:g} it allows one run", "refused")
+    return RoundPlan(record, delta_rule, before)
+
+
+def plan_release_without_dp(config: RunConfig, site: Site, num_train: int, entries: list[LedgerEntry]) -> RoundPlan:
+    """A round the site's policy lets run without DP: recorded as an unbounded release, epsilon unchanged."""
+    delta, delta_rule, _ = site_delta(site, num_train, entries)
+    before = epsilon(private_history(entries), delta, site.policy.accountant)
+    steps = config.local_epochs * steps_per_epoch(num_train, config.batch_size)
+    record = PrivacyRecord(NO_DP, 1.0, 0.0, steps, config.max_grad_norm, delta, site.policy.accountant, before,
+                           site.policy.budget_epsilon)
+    return RoundPlan(record, delta_rule, before)
 
 
 @dataclass
@@ -80,40 +130,39 @@ class PrivateTraining:
 
 
 def private_training(
-    model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History, round_seed: int,
+    model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History,
     proximal_mu: float = 0.0,
 ) -> PrivateTraining:
     """Wrap model, optimizer and data for DP-SGD, with the accountant resumed from the ledger.
 
-    The accountant starts from the ledger's history so that `get_epsilon` composes this round with
-    everything the site released before, in this run and in earlier ones.
+    The accountant starts from the ledger's history so that it composes this round with everything
+    the site released before. The Poisson sampler and the noise each get a generator of their own,
+    seeded from the site's entropy for this round alone.
     """
-    engine = PrivacyEngine(accountant=plan.accountant)
+    engine = PrivacyEngine(accountant=plan.record.accountant)
     engine.accountant.history = list(history)
     private_model, optimizer, loader = engine.make_private(
         module=model, optimizer=make_optimizer(model, config, proximal_mu),
-        data_loader=make_loader(dataset, config.batch_size, round_seed, shuffle=False),
-        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True, grad_sample_mode=grad_sample_mode(config),
+        data_loader=make_loader(dataset, config.batch_size, site_generator(), shuffle=False),
+        noise_multiplier=plan.record.noise_multiplier, max_grad_norm=plan.record.max_grad_norm,
+        poisson_sampling=True, grad_sample_mode=grad_sample_mode(config), noise_generator=site_generator(),
     )
     return PrivateTraining(engine, private_model, optimizer, loader)
 
 
 def train_private(
-    model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History, round_seed: int,
+    model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History,
     proximal_mu: float = 0.0,
-) -> tuple[float, float, int]:
-    """Train one round under DP-SGD; returns (mean loss, cumulative epsilon, steps taken)."""
-    private = private_training(model, dataset, config, plan, history, round_seed, proximal_mu)
+) -> tuple[float, PrivacyRecord]:
+    """Train one round under DP-SGD; returns (mean loss, the round's record with the steps really taken)."""
+    private = private_training(model, dataset, config, plan, history, proximal_mu)
     loss = train_epochs(private.model, private.loader, private.optimizer, config.local_epochs, task_loss(config))
     steps = sum(step for _, _, step in private.engine.accountant.history) - sum(step for _, _, step in history)
-    return loss, private.engine.get_epsilon(plan.delta), steps
+    record = plan.record
+    spent = epsilon_after(history, record.noise_multiplier, record.sample_rate, steps, record.delta, record.accountant)
+    return loss, replace(record, steps=steps, epsilon=spent)
 
 
-def record_round(ledger: Ledger, plan: RoundPlan, run_id: str, server_round: int, epsilon: float, steps: int) -> None:
+def record_round(ledger: Ledger, record: PrivacyRecord, run_id: str, server_round: int) -> None:
     """Append the round to the site's ledger before anything it produced leaves the site."""
-    ledger.append(
-        run_id=run_id, round=server_round, sample_rate=plan.sample_rate,
-        noise_multiplier=plan.noise_multiplier, steps=steps, max_grad_norm=plan.max_grad_norm,
-        delta=plan.delta, accountant=plan.accountant, epsilon=epsilon, budget_epsilon=plan.budget_epsilon,
-    )
+    ledger.append_record(run_id, server_round, record)

@@ -1,4 +1,4 @@
-"""A site's lifetime privacy ledger: one hash-chained JSON line per DP-SGD training event.
+"""A site's lifetime privacy ledger: one hash-chained JSON line per training event.
 
 The ledger lives on the site's own disk (``<site state>/ledger.jsonl``) and is the only record
 of how much privacy budget the site has spent across every round of every run. A site
@@ -6,6 +6,12 @@ rebuilds its accountant from it before each round, so every read verifies it com
 the hash chain, the sidecar head (``ledger.head.json``, which records the entry count and
 the last hash so that a removed last line shows), and each entry's epsilon against a
 recomputation by the accountant it names. Anything wrong raises ``LedgerError``.
+
+Its first entry fixes delta for the ledger's lifetime: a later round at another delta is refused,
+since epsilons at different deltas cannot be composed into one guarantee. A round the site's
+policy let run without DP is recorded too (mechanism "none"), as an unbounded release that adds
+nothing the accountant can bound. A round holds the ledger's lock from planning to recording
+(`Ledger.hold`), so two runs can never both spend the same remaining budget.
 
 The chain makes accidental corruption and naive edits evident; it is not a signature: anyone
 who can write the site's disk can recompute every hash. The site's file permissions and
@@ -27,8 +33,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fedcare.errors import LedgerError
+from fedcare.atomic import write_atomic
+from fedcare.errors import LedgerBusy, LedgerError
 from fedcare.privacy import accounting
+from fedcare.privacy.record import DP_SGD, MECHANISMS, NO_DP, PrivacyRecord
 
 GENESIS_HASH = "0" * 64
 
@@ -40,19 +48,11 @@ _RESTORE = "restore it from backup; a site never trains on a ledger it cannot tr
 
 
 @dataclass(frozen=True)
-class LedgerEntry:
+class LedgerEntry(PrivacyRecord):
     """One training event: what the site spent and the cumulative lifetime epsilon after it."""
 
     run_id: str
     round: int
-    sample_rate: float
-    noise_multiplier: float
-    steps: int
-    max_grad_norm: float
-    delta: float
-    accountant: str
-    epsilon: float
-    budget_epsilon: float
     time: str
     prev_hash: str
     hash: str
@@ -112,11 +112,14 @@ def _value_problem(record: dict) -> str | None:
     def positive(name: str) -> bool:
         return record[name] > 0 and math.isfinite(record[name])
 
+    private = record["mechanism"] == DP_SGD
     checks = [
+        (record["mechanism"] in MECHANISMS, f"mechanism {record['mechanism']!r} is not one of {', '.join(MECHANISMS)}"),
         (bool(record["run_id"]), "run_id is empty"),
         (record["round"] >= 0, f"round {record['round']} is negative"),
         (0 < record["sample_rate"] <= 1, f"sample_rate {record['sample_rate']!r} is not in (0, 1]"),
-        (positive("noise_multiplier"), f"noise_multiplier {record['noise_multiplier']!r} is not positive"),
+        (positive("noise_multiplier") if private else record["noise_multiplier"] == 0,
+         f"noise_multiplier {record['noise_multiplier']!r} is not positive (or 0 for a round without DP)"),
         (record["steps"] >= 1, f"steps {record['steps']!r} is below 1"),
         (positive("max_grad_norm"), f"max_grad_norm {record['max_grad_norm']!r} is not positive"),
         (0 < record["delta"] < 1, f"delta {record['delta']!r} is not in (0, 1)"),
@@ -125,38 +128,6 @@ def _value_problem(record: dict) -> str | None:
         (positive("budget_epsilon"), f"budget_epsilon {record['budget_epsilon']!r} is not positive"),
     ]
     return next((problem for ok, problem in checks if not ok), None)
-
-
-def _fsync_folder(folder: Path) -> None:
-    # Without this the rename itself may be lost on power failure on some file systems.
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old file or the new, never half.
-
-    Writes a temporary file in the same folder (os.replace is atomic only within one file
-    system), fsyncs it, renames it over ``path`` and fsyncs the folder.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    _fsync_folder(path.parent)
 
 
 class Ledger:
@@ -170,6 +141,7 @@ class Ledger:
         self.path = Path(path)
         self.head_path = self.path.with_suffix(".head.json")
         self.lock_path = self.path.with_suffix(".lock")
+        self._held = False
 
     def _error(self, problem: str, line: int | None = None) -> LedgerError:
         where = f"{self.path}: line {line}" if line is not None else f"{self.path}"
@@ -193,8 +165,34 @@ class Ledger:
         return entries
 
     def history(self) -> list[tuple[float, float, int]]:
-        """(noise_multiplier, sample_rate, steps) per entry: Opacus' accountant history."""
-        return [(entry.noise_multiplier, entry.sample_rate, entry.steps) for entry in self.entries()]
+        """(noise_multiplier, sample_rate, steps) per DP-SGD entry: Opacus' accountant history."""
+        return private_history(self.entries())
+
+    def delta(self) -> float | None:
+        """The delta the ledger's first entry fixed for its lifetime; None while it is empty."""
+        entries = self.entries()
+        return entries[0].delta if entries else None
+
+    @property
+    def initialised(self) -> bool:
+        """Whether this site has a ledger (possibly still empty): its head file exists."""
+        return self.head_path.is_file()
+
+    def initialise(self) -> None:
+        """Start an empty ledger, so that a later missing ledger shows as lost rather than new."""
+        with self._locked():
+            if not self.initialised and not self.path.exists():
+                self._write_head([])
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator["Ledger"]:
+        """Hold the ledger for one round, planning to recording; another run's round is refused meanwhile."""
+        with self._locked(wait=False):
+            self._held = True
+            try:
+                yield self
+            finally:
+                self._held = False
 
     def spent(self, delta: float, accountant: str) -> float:
         """Lifetime epsilon of the whole ledger at ``delta``; 0.0 when it is empty."""
@@ -213,57 +211,70 @@ class Ledger:
         epsilon: float,
         budget_epsilon: float,
     ) -> LedgerEntry:
+        """Record one DP-SGD training event that has happened; returns the entry written."""
+        record = PrivacyRecord(DP_SGD, sample_rate, noise_multiplier, steps, max_grad_norm, delta, accountant,
+                               epsilon, budget_epsilon)
+        return self.append_record(run_id, round, record)
+
+    def append_record(self, run_id: str, round: int, release: PrivacyRecord) -> LedgerEntry:
         """Record one training event that has happened; returns the entry written.
 
         ``epsilon`` must equal the accountant's recomputation over the ledger plus this event
-        (accounting.epsilon_after gives it). The budget is NOT enforced here: a round that
-        has trained has spent, and refusing to record it would hide that spending.
+        (accounting.epsilon_after gives it; a round without DP leaves it where it was), and
+        ``delta`` the ledger's. The budget is NOT enforced here: a round that has trained has
+        spent, and refusing to record it would hide that spending.
         """
+        if self._held:
+            return self._append(run_id, round, release)
         with self._locked():
-            entries = self.entries()
-            record = _plain_numbers(
-                {
-                    "run_id": run_id,
-                    "round": round,
-                    "sample_rate": sample_rate,
-                    "noise_multiplier": noise_multiplier,
-                    "steps": steps,
-                    "max_grad_norm": max_grad_norm,
-                    "delta": delta,
-                    "accountant": accountant,
-                    "epsilon": epsilon,
-                    "budget_epsilon": budget_epsilon,
-                    "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "prev_hash": entries[-1].hash if entries else GENESIS_HASH,
-                    "hash": "",
-                }
+            return self._append(run_id, round, release)
+
+    def _append(self, run_id: str, round: int, release: PrivacyRecord) -> LedgerEntry:
+        entries = self.entries()
+        record = _plain_numbers(
+            {
+                **release.to_dict(),
+                "run_id": run_id,
+                "round": round,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "prev_hash": entries[-1].hash if entries else GENESIS_HASH,
+                "hash": "",
+            }
+        )
+        problem = _type_problem(record) or _value_problem(record)
+        if problem:
+            raise LedgerError(f"{self.path}: refusing to append this round: {problem}; the ledger is unchanged")
+        if entries and record["delta"] != entries[0].delta:
+            raise LedgerError(f"{self.path}: refusing to append delta {record['delta']!r}: the ledger's delta is "
+                              f"{entries[0].delta!r}, fixed by its first entry; the ledger is unchanged")
+        accountant = record["accountant"]
+        history = private_history(entries)
+        expected = (accounting.epsilon_after(history, record["noise_multiplier"], record["sample_rate"],
+                                             record["steps"], record["delta"], accountant)
+                    if record["mechanism"] == DP_SGD else accounting.epsilon(history, record["delta"], accountant))
+        if not math.isclose(record["epsilon"], expected, rel_tol=EPSILON_TOLERANCE):
+            raise LedgerError(
+                f"{self.path}: refusing to append epsilon {record['epsilon']!r}: the {accountant} accountant gives "
+                f"{expected!r} for the ledger plus this round; compute it with accounting.epsilon_after"
             )
-            problem = _type_problem(record) or _value_problem(record)
-            if problem:
-                raise LedgerError(f"{self.path}: refusing to append this round: {problem}; the ledger is unchanged")
-            history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
-            expected = accounting.epsilon_after(
-                history, record["noise_multiplier"], record["sample_rate"], record["steps"], record["delta"], accountant
-            )
-            if not math.isclose(record["epsilon"], expected, rel_tol=EPSILON_TOLERANCE):
-                raise LedgerError(
-                    f"{self.path}: refusing to append epsilon {epsilon!r}: the {accountant} accountant gives "
-                    f"{expected!r} for the ledger plus this round; compute it with accounting.epsilon_after"
-                )
-            record["hash"] = _digest(record)
-            entry = LedgerEntry(**record)
-            entries.append(entry)
-            write_atomic(self.path, "".join(e.to_line() for e in entries).encode("ascii"))
-            self._write_head(entries)
+        record["hash"] = _digest(record)
+        entry = LedgerEntry(**record)
+        entries.append(entry)
+        write_atomic(self.path, "".join(e.to_line() for e in entries).encode("ascii"))
+        self._write_head(entries)
         return entry
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, wait: bool = True) -> Iterator[None]:
         # Two processes appending at once would each rewrite the ledger from the same old
         # copy and one round's spending would vanish; an exclusive lock serialises them.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise LedgerBusy(f"{self.path}: another run is training a round on this ledger; "
+                                 "retry after its round") from None
             yield
 
     def _read_head(self) -> dict | None:
@@ -357,7 +368,8 @@ class Ledger:
     def _check_epsilons(self, entries: list[LedgerEntry]) -> None:
         history: list[tuple[float, float, int]] = []
         for number, entry in enumerate(entries, start=1):
-            history.append((entry.noise_multiplier, entry.sample_rate, entry.steps))
+            if entry.private:
+                history.append(entry.event)
             expected = accounting.epsilon(history, entry.delta, entry.accountant)
             if not math.isclose(entry.epsilon, expected, rel_tol=EPSILON_TOLERANCE):
                 raise self._error(
@@ -365,3 +377,8 @@ class Ledger:
                     "for the history up to it",
                     number,
                 )
+
+
+def private_history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]:
+    """The accountant's history of the DP-SGD entries; a round without DP adds nothing it can bound."""
+    return [entry.event for entry in entries if entry.private]

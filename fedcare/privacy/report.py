@@ -19,7 +19,8 @@ from matplotlib.ticker import MaxNLocator
 
 from fedcare.errors import FedcareError, LedgerError
 from fedcare.privacy import accounting
-from fedcare.privacy.ledger import Ledger, write_atomic
+from fedcare.atomic import write_atomic
+from fedcare.privacy.ledger import Ledger
 from fedcare.privacy.report_markdown import render_markdown
 
 REPORT_FILES: tuple[str, ...] = ("privacy_report.json", "privacy_report.md", "privacy_report.png")
@@ -30,7 +31,7 @@ NO_DP_WARNING = (
     "about individual patients."
 )
 
-STATUSES: tuple[str, ...] = ("ok", "budget-exhausted")
+STATUSES: tuple[str, ...] = ("ok", "budget-exhausted", "refused")
 SITE_KEYS: tuple[str, ...] = ("accountant", "delta", "budget_epsilon", "epsilon", "status", "rounds")
 ROUND_KEYS: tuple[str, ...] = ("round", "sample_rate", "noise_multiplier", "steps", "max_grad_norm", "epsilon")
 

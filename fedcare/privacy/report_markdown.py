@@ -6,6 +6,8 @@ dp-accounting figures, the assumptions the guarantee rests on, what left each si
 round, and a sign-off block. Anything that weakens the guarantee is flagged in bold capitals.
 """
 
+from fedcare.privacy.randomness import SOURCE as RANDOMNESS
+
 NO_DP_BANNER = (
     "**NO DIFFERENTIAL PRIVACY** — this run trained WITHOUT DP-SGD. No formal privacy guarantee holds "
     "for any site's training data: the model weights that left each site were computed from the raw "
@@ -133,15 +135,19 @@ for its training data, with ε the spent figure and δ the figure in the table a
   the site's ledger, not only this run, because the ledger composes them all.
 """
 
-ASSUMPTIONS = """## Assumptions the guarantee rests on
+ASSUMPTIONS_TEMPLATE = """## Assumptions the guarantee rests on
 
 - **Poisson sampling**: batches were drawn by Opacus' Poisson sampler. Shuffled fixed-size batches would void the
   accounting.
 - **One sample per patient**: the guarantee protects one training sample. If a patient has several images (or
-  series) in the training data, the guarantee is **per image, not per patient**; a patient with k images is
-  protected only at roughly k·ε.
-- **Validation is not accounted**: metrics are computed on a held-out split that is not used for training; those
-  metrics leave the site and are **not covered** by this guarantee.
+  series) in the training data, the guarantee is **per image, not per patient**: by group privacy, k images of one
+  patient are protected only at (k·ε, k·e^((k−1)·ε)·δ), which for ε = 8 and k = 2 already puts the δ term near
+  2·e^8·δ ≈ 6000·δ, and beyond any meaning for larger k.
+- **Unpredictable randomness**: the noise and the Poisson sampling of every round drew from {randomness}. No seed
+  in the run configuration reaches them.
+- **Validation is not accounted**: metrics are computed on the site's own held-out split (made once by the site,
+  kept in its state folder, never moved by the run configuration) that is not used for training; those metrics
+  leave the site and are **not covered** by this guarantee. Each site limits how many it answers per run.
 - **Nobody else is trusted with raw data**: the server and the other sites never receive raw data; the guarantee
   holds even against a server that sees every model update.
 - **The ledger is intact** and is the only one for this site's data: training the same data under another ledger
@@ -151,7 +157,8 @@ ASSUMPTIONS = """## Assumptions the guarantee rests on
 RELEASES = """## What left each site
 
 Model weights and numbers only: the sample rate q, the noise multiplier σ, the number of steps, the clipping norm C,
-ε and δ, and training loss and validation metrics. No images, labels or patient identifiers left any site.
+ε and δ, and validation metrics. The exact training loss never leaves a site (it stays in the site's own log). No
+images, labels or patient identifiers left any site.
 """
 
 INDEPENDENT_CHECK = """## Independent check
@@ -182,7 +189,22 @@ def _rounds(document: dict) -> list[str]:
         ]
         refused = ", ".join(str(number) for number in site.get("refused_rounds", [])) or "none"
         lines += [f"### Site `{name}`", "", *_table(header, rows), ""]
-        lines += [f"Rounds refused because they would have exceeded the budget: {refused}.", ""]
+        lines += [f"Rounds refused (by the budget or the site's policy): {refused}.", ""]
+        lines += _outside_guarantee(site)
+    return lines
+
+
+def _outside_guarantee(site: dict) -> list[str]:
+    """What left the site that no accountant bounds: rounds without DP, and validation results."""
+    lines = []
+    unbounded = site.get("unbounded_rounds", [])
+    if unbounded:
+        numbers = ", ".join(str(number) for number in unbounded)
+        lines += [f"**UNBOUNDED RELEASE: rounds {numbers} trained WITHOUT DP** (the site's policy allowed it): the "
+                  "weights they sent are not covered by any ε, and the site's guarantee does not hold for them.", ""]
+    if "validation_releases" in site:
+        lines += [f"Outside the DP guarantee: {site['validation_releases']} validation result(s) (loss and the task's "
+                  "metrics on the site's own validation split).", ""]
     return lines
 
 
@@ -199,7 +221,7 @@ def _no_dp(document: dict) -> str:
         "",
         "## What left each site",
         "",
-        "Model weights trained directly on the raw data, and training loss and validation metrics.",
+        "Model weights trained directly on the raw data, and validation metrics.",
         "No images, labels or patient identifiers, but without DP nothing bounds what the weights reveal.",
         "",
         *_sign_off("I acknowledge that this run gives NO formal privacy guarantee for the data of my site."),
@@ -217,7 +239,7 @@ def render_markdown(document: dict) -> str:
         *_summary(document),
         MECHANISM,
         GUARANTEE,
-        ASSUMPTIONS,
+        ASSUMPTIONS_TEMPLATE.format(randomness=RANDOMNESS),
         RELEASES,
         *_rounds(document),
         INDEPENDENT_CHECK,
