@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DP_SETTINGS, NO_DP_SETTINGS, SCRATCH, demo_sites, federation, row, set_threads, weighted_auc  # noqa: E402
 from torch.utils.data import ConcatDataset  # noqa: E402
 
-from data_adapters import site_datasets  # noqa: E402
+from data_adapters import SeededSplit, site_datasets  # noqa: E402
 from fedcare.config import RunConfig  # noqa: E402
 from fedcare.model import build_model  # noqa: E402
 from fedcare.training import evaluate, train_plain  # noqa: E402
@@ -78,7 +78,7 @@ def run(quick: bool) -> list[dict]:
             figures[name] = {"auc": federation(f"accuracy-{name}", data, 3, settings).final_auc, "source": "flwr run"}
 
     central = RunConfig.from_mapping(no_dp | {"local-epochs": n_rounds * no_dp["local-epochs"]})
-    splits = {p.name: site_datasets(p, central.val_fraction, central.seed, central.image_size)
+    splits = {p.name: site_datasets(p, SeededSplit(0.2, central.seed), central.image_size)
               for p in sorted(data.glob("site-*"))}
     figures["pooled"] = _centralised(central, splits, list(splits)) | {"source": "in-process"}
     for name in splits:

@@ -25,10 +25,11 @@ from common import demo_sites, interleaved, median_ratio, row, set_threads  # no
 import torch  # noqa: E402
 from torch.utils.data import ConcatDataset  # noqa: E402
 
-from data_adapters import site_datasets  # noqa: E402
+from data_adapters import SeededSplit, site_datasets  # noqa: E402
 from fedcare.config import RunConfig  # noqa: E402
 from fedcare.model import build_model, grad_sample_mode  # noqa: E402
 from fedcare.privacy.dpsgd import RoundPlan, plan_round, private_training  # noqa: E402
+from fedcare.policy import SitePolicy  # noqa: E402
 from fedcare.sites import Site  # noqa: E402
 from fedcare.training import make_loader, make_optimizer, train_epochs  # noqa: E402
 
@@ -48,7 +49,7 @@ def _plain_epoch(dataset, config: RunConfig) -> None:
 
 
 def _private_epoch(dataset, config: RunConfig, plan: RoundPlan) -> None:
-    private = private_training(build_model(config), dataset, config, plan, [], round_seed=config.seed)
+    private = private_training(build_model(config), dataset, config, plan, [])
     train_epochs(private.model, private.loader, private.optimizer, 1)
 
 
@@ -58,13 +59,13 @@ def _measure(quick: bool, repeats: int) -> dict:
     threads = set_threads()
     folder = demo_sites(quick)
     config = _config()
-    parts = [site_datasets(path, config.val_fraction, config.seed, config.image_size)
+    parts = [site_datasets(path, SeededSplit(0.2, config.seed), config.image_size)
              for path in sorted(folder.glob("site-*"))]
     train = ConcatDataset([part.train for part in parts])  # decoded once here, outside the timings
     # A budget no epoch can exhaust: the benchmark measures the cost of training, not a refusal.
-    site = Site("bench", folder, folder, budget_epsilon=1e6, budget_delta=0.0)
+    site = Site("bench", folder, folder, SitePolicy(budget_epsilon=1e6))
     # Planned once, outside the timings: sigma's search is per run, not per epoch, and mode-independent.
-    plan = plan_round(config, site, len(train), [])
+    plan = plan_round(config, site, len(train), [], "bench")
 
     variants = {"plain": lambda: _plain_epoch(train, config)}
     errors: dict[str, str] = {}

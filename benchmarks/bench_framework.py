@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DP_SETTINGS, SCRATCH, demo_sites, federation, row, set_threads  # noqa: E402
 
-from data_adapters import site_datasets  # noqa: E402
+from data_adapters import StoredSplit, site_datasets  # noqa: E402
 from fedcare.config import RunConfig  # noqa: E402
 from fedcare.model import build_model, check_private_trainable  # noqa: E402
 from fedcare.privacy.dpsgd import plan_round, record_round, train_private  # noqa: E402
 from fedcare.privacy.ledger import Ledger  # noqa: E402
-from fedcare.sites import Site  # noqa: E402
+from fedcare.sites import Site, simulated_site  # noqa: E402
 from fedcare.training import evaluate, train_plain  # noqa: E402
 
 COMMAND = "python benchmarks/run.py --only framework-overhead"
@@ -54,25 +54,24 @@ def dp_federation(quick: bool):
 
 def _site_round(config: RunConfig, site: Site, weights: dict, server_round: int) -> tuple[dict, int]:
     """What the ClientApp's train handler does for one site, without Flower."""
-    data = site_datasets(site.data_path, config.val_fraction, config.seed, config.image_size)
+    data = site_datasets(site.data_path, StoredSplit(site.split_path, site.policy.val_fraction), config.image_size)
     model = build_model(config)
     model.load_state_dict(weights)
-    round_seed = config.seed * 1000 + server_round
     proximal_mu = config.proximal_mu if config.strategy == "fedprox" else 0.0  # what FedProx sends
     if not config.dp:
-        train_plain(model, data.train, config, round_seed, proximal_mu)
+        train_plain(model, data.train, config, proximal_mu)
         return model.state_dict(), data.num_train
     check_private_trainable(model)
-    ledger = Ledger(site.ledger_path)
-    history = ledger.history()
-    plan = plan_round(config, site, data.num_train, history)
-    _, epsilon, steps = train_private(model, data.train, config, plan, history, round_seed, proximal_mu)
-    record_round(ledger, plan, "plain-loop", server_round, epsilon, steps)
+    with Ledger(site.ledger_path).hold() as ledger:
+        entries = ledger.entries()
+        plan = plan_round(config, site, data.num_train, entries, "plain-loop")
+        _, record = train_private(model, data.train, config, plan, ledger.history(), proximal_mu)
+        record_round(ledger, record, "plain-loop", server_round)
     return model.state_dict(), data.num_train
 
 
 def _site_evaluate(config: RunConfig, site: Site, weights: dict) -> dict:
-    data = site_datasets(site.data_path, config.val_fraction, config.seed, config.image_size)
+    data = site_datasets(site.data_path, StoredSplit(site.split_path, site.policy.val_fraction), config.image_size)
     model = build_model(config)
     model.load_state_dict(weights)
     return evaluate(model, data.val, config.batch_size) | {"num-examples": data.num_val}
@@ -104,7 +103,7 @@ def local_sites(config: RunConfig, data: Path, state: Path) -> list[Site]:
     """The simulated sites as the ClientApp resolves them, with fresh state under `state`."""
     shutil.rmtree(state, ignore_errors=True)
     names = sorted(p.name for p in data.glob("site-*"))
-    return [Site(name, data / name, state / name, config.site_budget(name), config.target_delta) for name in names]
+    return [simulated_site(data / name, state) for name in names]
 
 
 def run(quick: bool) -> list[dict]:

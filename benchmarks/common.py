@@ -35,8 +35,12 @@ DEMO_SEED = 0
 # budget: a benchmark measures training, not a refusal.
 DP_SETTINGS: dict[str, Any] = {
     "local-epochs": 2, "batch-size": 32, "optimizer": "sgd", "learning-rate": 0.4, "dp": True,
-    "target-epsilon": 8.0, "max-grad-norm": 1.0, "accountant": "rdp", "site-budget-epsilon": 1000.0,
+    "target-epsilon": 8.0, "max-grad-norm": 1.0,
 }
+# Each benchmark site's own settings (site.toml): a budget no benchmark exhausts, and consent to the
+# rows that train without DP.
+BENCH_BUDGET = 1000.0
+BENCH_POLICY: dict[str, Any] = {"dp-required": False}
 # configs/no-dp.toml: without DP noise Adam converges faster.
 NO_DP_SETTINGS: dict[str, Any] = {
     "local-epochs": 2, "batch-size": 32, "optimizer": "adam", "learning-rate": 0.003, "dp": False,
@@ -61,8 +65,9 @@ def demo_sites(quick: bool, cases: tuple[int, ...] | None = None) -> Path:
     """The demo hospitals' DICOM under outputs/bench/, written once and reused by later runs."""
     cases = tuple(cases or (QUICK_CASES if quick else DEMO_CASES))
     folder = SCRATCH / "data" / ("demo-" + "-".join(map(str, cases)))
-    if not (folder / f"site-{len(cases) - 1}" / "labels.csv").is_file():
-        write_demo_sites(folder, sites=len(cases), seed=DEMO_SEED, cases=list(cases), overwrite=True)
+    if not (folder / f"site-{len(cases) - 1}" / "site.toml").is_file():
+        write_demo_sites(folder, sites=len(cases), seed=DEMO_SEED, cases=list(cases), overwrite=True,
+                         budgets={f"site-{i}": BENCH_BUDGET for i in range(len(cases))}, policy=BENCH_POLICY)
     return folder
 
 

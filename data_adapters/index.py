@@ -20,6 +20,7 @@ from typing import Callable
 from fedcare.errors import SiteDataError
 
 from .cache import prepare_cache_dir
+from .labels import SITE_FILE
 from .decode import quiet
 from .headers import MEDIA_DIRECTORY, InstanceHeader, Unusable, read_header
 
@@ -59,14 +60,14 @@ class SiteIndex:
 
 
 def site_files(folder: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
-    """Every file under `folder` in a stable order (sorted per directory), minus `exclude`."""
-    skip = {path.resolve() for path in exclude}
+    """Every file under `folder` in a stable order (sorted per directory), minus `exclude` and the site's settings."""
+    skip = {path.resolve() for path in (*exclude, Path(folder) / SITE_FILE)}
     found = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()  # deterministic order, so the same folder gives the same split
         for name in sorted(files):
             path = Path(root, name)
-            if skip and path.resolve() in skip:
+            if path.resolve() in skip:
                 continue
             found.append(path)
     return found

@@ -18,6 +18,7 @@ import numpy as np
 
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
+from fedcare.policy import POLICY_DEFAULTS
 
 from .dataset import split_indices
 from .dicom import SiteImages, load_site
@@ -84,14 +85,15 @@ def privacy_estimate(num_train: int, config: RunConfig) -> dict[str, Any]:
     sample_rate = 1.0 / epoch_steps
     steps = config.num_server_rounds * config.local_epochs * epoch_steps
     delta = config.target_delta or default_delta(num_train)
+    accountant = POLICY_DEFAULTS["accountant"]
     sigma = config.noise_multiplier or noise_multiplier_for(
         target_epsilon=config.target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
-        accountant=config.accountant,
+        accountant=accountant,
     )
     return {
         "dp": True, "num_train": num_train, "batch_size": config.batch_size, "sample_rate": sample_rate,
-        "steps": steps, "noise_multiplier": sigma, "delta": delta, "accountant": config.accountant,
-        "epsilon": epsilon([(sigma, sample_rate, steps)], delta, config.accountant),
+        "steps": steps, "noise_multiplier": sigma, "delta": delta, "accountant": accountant,
+        "epsilon": epsilon([(sigma, sample_rate, steps)], delta, accountant),
         "target_epsilon": config.target_epsilon,
     }
 
@@ -125,7 +127,9 @@ def _label_summary(site: SiteImages, manifest: Manifest | None, config: RunConfi
         elif counts.min() < _MIN_PER_CLASS:
             problems.append(f"class {int(classes[np.argmin(counts)])} has {int(counts.min())} labelled case(s): "
                             f"it needs at least {_MIN_PER_CLASS} (one to train, one to validate)")
-    train, _ = split_indices(site.labels, config.val_fraction, config.seed, site.groups) if len(counts) else ([], [])
+    # The site's own split is drawn from its entropy; the estimate takes one of the same size.
+    val_fraction = POLICY_DEFAULTS["val-fraction"]
+    train, _ = split_indices(site.labels, val_fraction, 0, site.groups) if len(counts) else ([], [])
     summary["num_train"] = int(len(train))
     return summary
 

@@ -149,6 +149,25 @@ def privacy_report(
         console.print(f"wrote {path}")
 
 
+@app.command("ledger-init")
+def ledger_init(
+    state: Path = typer.Argument(..., help="The site's state folder."),
+    lost: bool = typer.Option(False, "--lost", help="Confirm that the old ledger is lost and its spending unknown."),
+) -> None:
+    """Start a site's privacy ledger afresh, on purpose, where the old one is gone."""
+    from fedcare.privacy.ledger import Ledger
+
+    ledger = Ledger(state / "ledger.jsonl")
+    if ledger.initialised or ledger.path.exists():
+        raise FedcareError(f"{ledger.path}: this site already has a ledger; a ledger is never reset")
+    traces = [name for name in ("egress.jsonl", "split.json") if (state / name).exists()]
+    if traces and not lost:
+        raise FedcareError(f"{state}: {' and '.join(traces)} show earlier rounds; restore the ledger from backup, or "
+                           "pass --lost to start a new one knowing that what the site spent before is not counted")
+    ledger.initialise()
+    console.print(f"{ledger.path}: a new, empty ledger" + (" (the earlier spending is NOT counted)" if traces else ""))
+
+
 # Site-side data commands; their modules import the heavy parts only when a command runs.
 from data_adapters.check_site import cache_clear_command, check_site_command  # noqa: E402
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fedcare.config import RunConfig
-from fedcare.privacy.accounting import ACCOUNTANTS
+from fedcare.privacy.record import ACCOUNTANTS
 from fedcare.errors import ConfigError
 
 # The node-config keys of a policy, with their defaults; budget-epsilon has none: a site must set it.

@@ -17,11 +17,11 @@ from typing import Any, Mapping
 
 import tomli_w
 
+from data_adapters.labels import SITE_FILE
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
 from fedcare.policy import POLICY_KEYS, SitePolicy
 
-SITE_FILE = "site.toml"
 DEFAULT_CACHE = "decode-cache"
 NODE_KEYS = ("site-name", "data-path", "state-path", "cache-dir", *POLICY_KEYS)
 

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import apply_rescale
 
-from data_adapters import cached_site_images, read_labels, read_site, site_datasets, split_indices, write_demo_sites
+from data_adapters import SeededSplit, cached_site_images, read_labels, read_site, site_datasets, split_indices, write_demo_sites
 from fedcare.errors import SiteDataError
 
 
@@ -209,7 +209,7 @@ def test_split_keeps_both_classes_in_validation_for_tiny_sites() -> None:
 
 
 def test_dataset_items_are_windowed_tensor_tuples(demo: list[Path]) -> None:
-    data = site_datasets(demo[2], val_fraction=0.25, seed=1)
+    data = site_datasets(demo[2], SeededSplit(0.25, 1))
     assert data.num_train + data.num_val == 14 == sum(data.class_counts.values())
     assert (data.num_train, data.num_val) == (len(data.train), len(data.val))
     assert data.skipped == 0 and data.unlabelled == 0
@@ -224,7 +224,7 @@ def test_dataset_items_are_windowed_tensor_tuples(demo: list[Path]) -> None:
 
 
 def test_dataset_resizes_other_shapes(real_site: Path) -> None:
-    data = site_datasets(real_site, val_fraction=0.0, image_size=32)
+    data = site_datasets(real_site, SeededSplit(0.0), image_size=32)
     shapes = {tuple(data.train[i][0].shape) for i in range(len(data.train))}
     assert shapes == {(1, 32, 32)} and data.num_train == 2
     assert data.skipped == 3 and data.unlabelled == 1 + 10

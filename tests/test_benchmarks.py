@@ -79,7 +79,7 @@ def test_communication_counts_the_bytes_of_a_real_egress_log(tmp_path):
     request = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), metadata=metadata)
     reply = Message(RecordDict({
         "arrays": ArrayRecord(model.state_dict()),
-        "metrics": MetricRecord({"train-loss": 0.5, "num-examples": 10}),
+        "metrics": MetricRecord({"num-examples": 10}),
         "privacy": ConfigRecord({"dp": True, "epsilon": 1.0}),
     }), reply_to=request)
     append_entry(tmp_path / "site-0" / "egress.jsonl", reply_entry(reply, "run-1", 1, config.model))

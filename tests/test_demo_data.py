@@ -20,7 +20,7 @@ DESIGNED_POSITIVE_RATE = [0.50, 0.35, 0.25]
 
 
 def _instances(site: Path) -> list[Path]:
-    return sorted(p for p in site.rglob("*") if p.is_file() and p.name != "labels.csv")
+    return sorted(p for p in site.rglob("*") if p.is_file() and p.name not in ("labels.csv", "site.toml"))
 
 
 def _labels(site: Path) -> dict[str, int]:
@@ -31,7 +31,7 @@ def _labels(site: Path) -> dict[str, int]:
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "site.toml"}
 
 
 @pytest.fixture(scope="module")

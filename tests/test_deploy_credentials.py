@@ -122,3 +122,16 @@ def test_entrypoint_builds_the_flower_commands_with_tls_auth_and_node_config(cre
     assert Path(site[0]).name == "flower-supernode" and "--insecure" not in site
     assert site[site.index("--node-config") + 1] == (f'site-name="st-olav" data-path="{tmp_path}" '
                                                      f'state-path="{(tmp_path / "s").resolve()}" budget-epsilon=8.0')
+
+
+def test_a_site_without_a_budget_does_not_start_and_says_so_in_one_line(credentials, tmp_path):
+    env = {"FEDCARE_TLS_DIR": str(credentials / "sites" / "site-1"), "FEDCARE_STATE": str(tmp_path / "s"),
+           "FEDCARE_SUPERLINK": "coordinator.example:9092", "FEDCARE_SITE_NAME": "st-olav", "FEDCARE_DATA": str(tmp_path)}
+    with pytest.raises(FedcareError) as caught:
+        site_command(env)
+    assert "FEDCARE_BUDGET_EPSILON is not set" in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(FedcareError, match="min-noise-multiplier"):
+        site_command({**env, "FEDCARE_BUDGET_EPSILON": "8", "FEDCARE_MIN_NOISE_MULTIPLIER": "-1"})
+    policy = site_command({**env, "FEDCARE_BUDGET_EPSILON": "8", "FEDCARE_DP_REQUIRED": "true",
+                           "FEDCARE_EVALUATION_QUOTA": "20"})
+    assert "dp-required=true evaluation-quota=20" in policy[policy.index("--node-config") + 1]

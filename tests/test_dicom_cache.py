@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from data_adapters.cache import clear_cache
 from data_adapters.check_site import DEFAULT_CACHE_FOLDER
 from data_adapters.dataset import site_datasets
+from data_adapters.split import SeededSplit
 from data_adapters.demo_data import write_demo_sites
 from data_adapters.dicom import load_site, manifest_for
 from data_adapters.transforms import Preprocess
@@ -29,7 +30,7 @@ def _load(site: Path, cache: Path | None, window: object = "soft-tissue"):
 
 
 def _dicom_files(site: Path) -> list[Path]:
-    return [p for p in site.rglob("*") if p.is_file() and p.name != "labels.csv"]
+    return [p for p in site.rglob("*") if p.is_file() and p.name not in ("labels.csv", "site.toml")]
 
 
 def _batches(cache: Path) -> set[str]:
@@ -80,8 +81,8 @@ def test_keys_follow_content_not_mtime(site: Path, tmp_path: Path) -> None:
 
 
 def test_site_datasets_with_a_cache_give_the_same_items(site: Path, tmp_path: Path) -> None:
-    plain = site_datasets(site, val_fraction=0.25, seed=1)
-    cached = site_datasets(site, val_fraction=0.25, seed=1, cache_dir=tmp_path / "cache")
+    plain = site_datasets(site, SeededSplit(0.25, 1))
+    cached = site_datasets(site, SeededSplit(0.25, 1), cache_dir=tmp_path / "cache")
     assert (plain.num_train, plain.num_val, plain.class_counts) == (cached.num_train, cached.num_val, cached.class_counts)
     for i in range(len(plain.train)):
         a, b = plain.train[i], cached.train[i]

@@ -9,7 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from data_adapters.dataset import site_datasets, split_indices
+from data_adapters.dataset import site_datasets
+from data_adapters.split import SeededSplit, split_indices
 from data_adapters.demo_data import write_demo_sites
 from data_adapters.dicom import read_site
 from data_adapters.labels import read_manifest
@@ -24,7 +25,7 @@ def demo(tmp_path: Path) -> Path:
 
 
 def _headers(site: Path) -> list[pydicom.Dataset]:
-    files = sorted(p for p in site.rglob("*") if p.is_file() and p.name != "labels.csv")
+    files = sorted(p for p in site.rglob("*") if p.is_file() and p.name not in ("labels.csv", "site.toml"))
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
 
 
@@ -38,7 +39,7 @@ def test_series_key_labels_every_image_of_the_series_and_splits_whole_series(dem
     train, val = split_indices(site.labels, 0.25, 0, site.groups)
     assert {site.groups[i] for i in train}.isdisjoint({site.groups[i] for i in val})
     assert len(val) == 20  # one of the two series of each class, ten images each
-    data = site_datasets(demo, val_fraction=0.25, seed=0)
+    data = site_datasets(demo, SeededSplit(0.25, 0))
     assert (data.num_train, data.num_val) == (20, 20)
 
 

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from data_adapters.dataset import site_datasets
+from data_adapters.split import SeededSplit
 from data_adapters.decode import read_file
 from data_adapters.nifti import load_nifti_site, nifti_manifest, read_nifti
 from fedcare.errors import SiteDataError
@@ -55,11 +56,11 @@ def test_slices_are_samples_in_2d_and_split_by_file(site: Path) -> None:
     _write(site / "case3.nii.gz", _ct5n_volume() + 50)
     _write(site / "case4.nii.gz", _ct5n_volume() - 50)
     (site / "labels.csv").write_text((site / "labels.csv").read_text() + "case3.nii.gz,0\ncase4.nii.gz,1\n")
-    data = site_datasets(site, val_fraction=0.5, data_format="nifti")
+    data = site_datasets(site, SeededSplit(0.5), data_format="nifti")
     assert (data.num_train, data.num_val) == (10, 10) and data.unlabelled == 1  # whole files, one per class
     image, label = data.train[0]
     assert tuple(image.shape) == (1, 64, 64) and 0.0 <= float(image.min()) <= float(image.max()) <= 1.0
-    volumes = site_datasets(site, val_fraction=0.5, image_size=16, input_mode="3d", data_format="nifti",
+    volumes = site_datasets(site, SeededSplit(0.5), image_size=16, input_mode="3d", data_format="nifti",
                             cache_dir=site.parent / "cache")
     assert tuple(volumes.train[0][0].shape) == (1, 16, 16, 16)
 

@@ -16,6 +16,7 @@ from fedcare.config import RunConfig
 from fedcare.model import build_model
 from fedcare.federation import run_simulation
 from fedcare.privacy.ledger import Ledger
+from fedcare.sites import write_site_settings
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     base = tmp_path_factory.mktemp("federation")
-    write_demo_sites(base / "data", sites=2, seed=3, cases=[40, 60])
+    write_demo_sites(base / "data", sites=2, seed=3, cases=[40, 60], budgets={"site-0": 50.0, "site-1": 50.0})
     settings = {
         "num-server-rounds": 2, "local-epochs": 1, "batch-size": 16, "learning-rate": 0.003,
         "data-root": str(base / "data"), "sites-dir": str(base / "sites"), "outputs-dir": str(base / "out"),
-        "target-epsilon": 4.0, "site-budget-epsilon": 50.0,
+        "target-epsilon": 4.0,
         "min-sites": 1,  # one site refuses or fails on purpose below; the other carries the round
     }
 
@@ -102,7 +103,8 @@ def test_second_run_continues_the_ledger_and_a_spent_site_refuses(federation, fi
     base, run = federation
     spent = Ledger(base / "sites" / "site-0" / "ledger.jsonl").entries()[-1].epsilon
     before = Ledger(base / "sites" / "site-1" / "ledger.jsonl").entries()
-    folder, _ = run(**{"site-budgets": f"site-0={spent + 0.01:.4f}"})
+    write_site_settings(base / "data" / "site-0", budget_epsilon=round(spent + 0.01, 4))  # the site lowers its own
+    folder, _ = run()
 
     assert len(Ledger(base / "sites" / "site-0" / "ledger.jsonl").entries()) == 2
     after = Ledger(base / "sites" / "site-1" / "ledger.jsonl").entries()
@@ -125,11 +127,11 @@ def test_a_site_with_a_broken_manifest_fails_its_reply_by_name(federation, first
     data = tmp_path / "data"
     shutil.copytree(base / "data", data)
     (data / "site-1" / "labels.csv").write_text("SOPInstanceUID;label\n1.2.3;yes\n")
-    folder, _ = run(**{"data-root": str(data), "sites-dir": str(tmp_path / "sites"), "dp": False})
+    folder, _ = run(**{"data-root": str(data), "sites-dir": str(tmp_path / "sites")})
     metrics = read(folder, "metrics.json")
     for item in metrics["rounds"]:
         assert item["sites"]["site-0"]["train_status"] == "ok"
         failure = [f for f in item["failures"] if f["site"] == "site-1" and f["stage"] == "train"]
         assert failure and "label manifest" in failure[0]["reason"]  # the kind; the file stays in the site's log
         assert str(data) not in failure[0]["reason"] and "Traceback" not in failure[0]["reason"]
-    assert read(folder, "privacy_report.json")["dp"] is False
+    assert "trained" not in json.dumps(read(folder, "privacy_report.json")["sites"].get("site-1", {}))

@@ -11,6 +11,7 @@ from fedcare.config import RunConfig
 from fedcare.model import GRAD_SAMPLE_MODE, build_model, check_private_trainable, grad_sample_mode
 from fedcare.privacy.dpsgd import plan_round, private_training, train_private
 from fedcare.training import task_loss
+from fedcare.policy import SitePolicy
 from fedcare.sites import Site
 from tests.dp_checks import assert_dp_step
 
@@ -31,12 +32,12 @@ def one_thread():
 @pytest.fixture(scope="module")
 def patches(tmp_path_factory):
     folder = write_demo_segmentation_sites(tmp_path_factory.mktemp("dp3d") / "data", sites=1, seed=2, cases=[80])[0]
-    data = segmentation_volume_datasets(folder, seed=CONFIG.seed, spacing=CONFIG.spacing, patch_size=CONFIG.patch_size)
+    data = segmentation_volume_datasets(folder, spacing=CONFIG.spacing, patch_size=CONFIG.patch_size)
     return data.train
 
 
 def site(tmp_path: Path) -> Site:
-    return Site("site-0", tmp_path / "data", tmp_path / "state", budget_epsilon=50.0, budget_delta=0.0)
+    return Site("site-0", tmp_path / "data", tmp_path / "state", SitePolicy(budget_epsilon=50.0))
 
 
 def test_3d_unet_trains_privately_in_the_mode_measured_faster_in_3d():
@@ -50,13 +51,13 @@ def test_3d_unet_trains_privately_in_the_mode_measured_faster_in_3d():
 
 
 def test_per_sample_gradients_clipping_and_noise_on_3d_patches(tmp_path, patches):
-    plan = plan_round(CONFIG, site(tmp_path), len(patches), [])
-    private = private_training(build_model(CONFIG), patches, CONFIG, plan, [], round_seed=3)
+    plan = plan_round(CONFIG, site(tmp_path), len(patches), [], "run-1")
+    private = private_training(build_model(CONFIG), patches, CONFIG, plan, [])
     images, masks = next(batch for batch in private.loader if len(batch[1]) > 1)
     assert images.shape[1:] == (1, 8, 16, 16) and masks.shape[1:] == (8, 16, 16)
     assert_dp_step(private, build_model(CONFIG), task_loss(CONFIG), images, masks, plan)
 
 def test_a_private_3d_round_trains_and_counts_every_step(tmp_path, patches):
-    plan = plan_round(CONFIG, site(tmp_path), len(patches), [])
-    loss, epsilon, steps = train_private(build_model(CONFIG), patches, CONFIG, plan, [], round_seed=1)
-    assert steps == plan.steps and 0 < epsilon <= CONFIG.target_epsilon and torch.isfinite(torch.tensor(loss))
+    plan = plan_round(CONFIG, site(tmp_path), len(patches), [], "run-1")
+    loss, record = train_private(build_model(CONFIG), patches, CONFIG, plan, [])
+    assert record.steps == plan.steps and 0 < record.epsilon <= CONFIG.target_epsilon and torch.isfinite(torch.tensor(loss))

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from data_adapters import read_segmentation_site, segmentation_datasets, write_demo_segmentation_sites
+from data_adapters import SeededSplit, read_segmentation_site, segmentation_datasets, write_demo_segmentation_sites
 from data_adapters.transforms import Preprocess, apply_window
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
@@ -25,7 +25,7 @@ def seg_frames_by_source(folder: Path) -> dict[str, np.ndarray]:
     """Every SEG frame of a folder keyed by the SOPInstanceUID it references, read with plain pydicom."""
     frames = {}
     for path in folder.rglob("*"):
-        ds = pydicom.dcmread(path) if path.is_file() else None
+        ds = pydicom.dcmread(path) if path.is_file() and path.name != "site.toml" else None
         if ds is None or ds.Modality != "SEG":
             continue
         pixels = ds.pixel_array.reshape(-1, ds.Rows, ds.Columns)
@@ -56,7 +56,7 @@ def test_every_demo_mask_frame_lands_on_its_source_slice(demo_site):
 
 
 def test_site_datasets_yield_tuples_and_split_by_series(demo_site):
-    data = segmentation_datasets(demo_site, val_fraction=0.3, seed=1, image_size=32, window=WINDOW)
+    data = segmentation_datasets(demo_site, SeededSplit(0.3, 1), image_size=32, window=WINDOW)
     image, mask = data.train[0]
     assert image.shape == (1, 32, 32) and str(image.dtype) == "torch.float32"
     assert mask.shape == (32, 32) and str(mask.dtype) == "torch.int64" and set(mask.unique().tolist()) <= {0, 1}

@@ -11,6 +11,7 @@ from fedcare.errors import ConfigError
 from fedcare.model import build_model, check_private_trainable, grad_sample_mode, unet
 from fedcare.privacy.dpsgd import plan_round, private_training, train_private
 from fedcare.segmentation import DiceCrossEntropy, LesionTally
+from fedcare.policy import SitePolicy
 from fedcare.sites import Site
 from fedcare.training import noise_only_step, task_loss
 from tests.dp_checks import assert_dp_step
@@ -31,7 +32,7 @@ def lesions(n: int = 32, size: int = 32, seed: int = 0) -> TensorDataset:
 
 
 def site(tmp_path: Path) -> Site:
-    return Site("site-0", tmp_path / "data", tmp_path / "state", budget_epsilon=50.0, budget_delta=0.0)
+    return Site("site-0", tmp_path / "data", tmp_path / "state", SitePolicy(budget_epsilon=50.0))
 
 
 def test_unet_is_private_trainable_with_the_measured_mode():
@@ -44,16 +45,16 @@ def test_unet_is_private_trainable_with_the_measured_mode():
 
 def test_per_sample_gradients_clipping_and_noise_are_really_applied(tmp_path):
     data = lesions()
-    plan = plan_round(CONFIG, site(tmp_path), len(data), [])
-    private = private_training(build_model(CONFIG), data, CONFIG, plan, [], round_seed=3)
+    plan = plan_round(CONFIG, site(tmp_path), len(data), [], "run-1")
+    private = private_training(build_model(CONFIG), data, CONFIG, plan, [])
     images, masks = next(iter(private.loader))
     assert_dp_step(private, build_model(CONFIG), task_loss(CONFIG), images, masks, plan)
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step(tmp_path):
     data = lesions()
-    plan = plan_round(CONFIG, site(tmp_path), len(data), [])
-    private = private_training(build_model(CONFIG), data, CONFIG, plan, [], round_seed=3)
+    plan = plan_round(CONFIG, site(tmp_path), len(data), [], "run-1")
+    private = private_training(build_model(CONFIG), data, CONFIG, plan, [])
     private.optimizer.zero_grad()
     noise_only_step(private.optimizer)
     grads = torch.cat([p.grad.flatten() for p in private.model.parameters() if p.requires_grad])
@@ -63,9 +64,9 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(tmp_path):
 
 def test_a_private_round_trains_and_counts_every_step(tmp_path):
     data = lesions()
-    plan = plan_round(CONFIG, site(tmp_path), len(data), [])
-    loss, epsilon, steps = train_private(build_model(CONFIG), data, CONFIG, plan, [], round_seed=1)
-    assert steps == plan.steps and 0 < epsilon <= CONFIG.target_epsilon and torch.isfinite(torch.tensor(loss))
+    plan = plan_round(CONFIG, site(tmp_path), len(data), [], "run-1")
+    loss, record = train_private(build_model(CONFIG), data, CONFIG, plan, [])
+    assert record.steps == plan.steps and 0 < record.epsilon <= CONFIG.target_epsilon and torch.isfinite(torch.tensor(loss))
 
 
 def test_site_dice_counts_every_voxel_once_across_slices():

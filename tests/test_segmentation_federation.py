@@ -22,7 +22,7 @@ def segmentation_run(tmp_path_factory):
     settings = {  # the demo preset's training settings (configs/segmentation.toml), fewer rounds
         "task": "segmentation", "model": "unet", "num-server-rounds": ROUNDS, "local-epochs": 2, "batch-size": 32,
         "optimizer": "sgd", "learning-rate": 0.1, "data-root": str(base / "data"), "sites-dir": str(base / "sites"),
-        "outputs-dir": str(base / "out"), "target-epsilon": 8.0, "site-budget-epsilon": 10.0,
+        "outputs-dir": str(base / "out"), "target-epsilon": 8.0,
     }
     folder = run_simulation(ROOT, None, 2, overrides=settings, flwr_home=base / "flwr-home")
     return base, folder, json.loads((folder / "metrics.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from data_adapters import read_segmentation_volumes, segmentation_volume_datasets, write_demo_segmentation_sites
+from data_adapters import SeededSplit, read_segmentation_volumes, segmentation_volume_datasets, write_demo_segmentation_sites
 from data_adapters.decode import read_file
 from data_adapters.index import index_site
 from data_adapters.segmentation import SegmentedSeries
@@ -96,7 +96,7 @@ def test_an_uneven_series_is_excluded_or_resampled_as_configured(demo_sites, tmp
 
 
 def test_patches_have_the_configured_shape_and_their_masks_cover_the_bright_lesion(demo_sites):
-    data = segmentation_volume_datasets(demo_sites[0], val_fraction=0.25, seed=1, window=WINDOW,
+    data = segmentation_volume_datasets(demo_sites[0], SeededSplit(0.25, 1), window=WINDOW,
                                         spacing="1.0 1.0 2.0", patch_size="16 24 8")
     # Four series, two with a lesion: one of each kind is held out, whole.
     assert (data.num_train, data.num_val) == (2, 2) and set(data.train.data).isdisjoint(data.val.data)

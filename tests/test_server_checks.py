@@ -28,7 +28,7 @@ def reply(state: dict, metrics: dict | None = None, node: int = 1) -> Message:
     metadata = Metadata(run_id=7, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="",
                         group_id="1", created_at=0.0, ttl=60.0, message_type="train")
     content = RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()}),
-                          "metrics": MetricRecord(metrics or {"train-loss": 0.5, "num-examples": 10}),
+                          "metrics": MetricRecord(metrics or {"num-examples": 10}),
                           "site": ConfigRecord({"name": f"site-{node}"})})
     return Message(content, metadata=metadata)
 

@@ -11,7 +11,10 @@ the process replaces itself with the real `flower-superlink` or `flower-supernod
     FEDCARE_HOST             coordinator: the name sites use for it; must be in its certificate
     FEDCARE_LISTEN           coordinator: the address to listen on (default 0.0.0.0)
     FEDCARE_SUPERLINK        site: HOST:PORT of the coordinator
-    FEDCARE_SITE_NAME, FEDCARE_DATA (default /data), FEDCARE_BUDGET_EPSILON, FEDCARE_BUDGET_DELTA
+    FEDCARE_SITE_NAME, FEDCARE_DATA (default /data)
+    FEDCARE_BUDGET_EPSILON   site: its lifetime epsilon budget; a site does not start without one
+    FEDCARE_<KEY>            site: the rest of its privacy policy (fedcare/policy.py), e.g. FEDCARE_BUDGET_DELTA,
+                             FEDCARE_MIN_NOISE_MULTIPLIER, FEDCARE_MAX_RUN_EPSILON, FEDCARE_EVALUATION_QUOTA
     FEDCARE_RUNTIME_PORT     site: loopback port of the SuperNode's own runtime API (default 9094)
 """
 
@@ -22,11 +25,13 @@ import os
 import shutil
 import socket
 import sys
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
 from fedcare.deploy.credentials import check_coordinator, check_site
 from fedcare.errors import FedcareError
+from fedcare.policy import POLICY_DEFAULTS, POLICY_KEYS, SitePolicy
 
 COORDINATOR_PORT = 9092
 SITE_RUNTIME_PORT = 9094
@@ -63,10 +68,7 @@ def site_command(env: Mapping[str, str]) -> list[str]:
     data = Path(_get(env, "FEDCARE_DATA", "/data"))
     if not data.is_dir():
         raise FedcareError(f"{data}: the site's DICOM folder is missing; mount it (read-only) there")
-    node = {"site-name": name, "data-path": str(data), "state-path": str(_state(env))}
-    for key, variable in (("budget-epsilon", "FEDCARE_BUDGET_EPSILON"), ("budget-delta", "FEDCARE_BUDGET_DELTA")):
-        if env.get(variable, "").strip():
-            node[key] = _number(env, variable)
+    node = {"site-name": name, "data-path": str(data), "state-path": str(_state(env)), **site_policy(env)}
     # TOML values, as Flower parses --node-config: quoted strings, bare numbers.
     node_config = " ".join(f"{key}={json.dumps(value)}" for key, value in node.items())
     return [
@@ -143,11 +145,32 @@ def _port(env: Mapping[str, str], name: str, default: int) -> str:
     return value
 
 
-def _number(env: Mapping[str, str], name: str) -> float:
+def site_policy(env: Mapping[str, str]) -> dict[str, object]:
+    """The site's privacy policy from its FEDCARE_<KEY> variables, checked; the budget must be set."""
+    if not env.get("FEDCARE_BUDGET_EPSILON", "").strip():
+        raise FedcareError("FEDCARE_BUDGET_EPSILON is not set: a site sets its own lifetime epsilon budget "
+                           "(e.g. FEDCARE_BUDGET_EPSILON=8.0); it does not start without one")
+    policy: dict[str, object] = {}
+    for key in (*POLICY_KEYS, "cache-dir"):
+        variable = "FEDCARE_" + key.upper().replace("-", "_")
+        if env.get(variable, "").strip():
+            value = _value(env, variable)
+            # "8" means 8.0 where the setting is a float, as TOML users write it.
+            floating = isinstance(POLICY_DEFAULTS.get(key, 0.0), float) and type(value) is int
+            policy[key] = float(value) if floating else value
     try:
-        return float(env[name])
-    except ValueError:
-        raise FedcareError(f"{name}={env[name]!r}: expected a number, e.g. 8.0") from None
+        SitePolicy.from_settings(policy, "site settings")
+    except FedcareError as err:
+        raise FedcareError(f"{err} (set it with FEDCARE_<KEY>, e.g. FEDCARE_MIN_NOISE_MULTIPLIER=0.8)") from None
+    return policy
+
+
+def _value(env: Mapping[str, str], name: str) -> object:
+    # A TOML value, as in a node config: 8.0, true, 100; anything else is taken as text.
+    try:
+        return tomllib.loads(f"value = {env[name].strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        return env[name].strip()
 
 
 def _program(name: str) -> str:

@@ -23,10 +23,10 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedcare.errors import FedcareError
+from fedcare.privacy.record import ACCOUNTANTS
 
 History = Sequence[tuple[float, float, int]]
 
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
 # The official accountant each dp_accounting figure is compared with: PRV and PLD both
 # track the privacy loss distribution numerically, so PRV is checked against PLD.

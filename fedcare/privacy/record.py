@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 DP_SGD = "dp-sgd"
 # A round the site's policy let run without DP: its release is unbounded, and every report says so.
 NO_DP = "none"

@@ -138,12 +138,13 @@ def _delta_rule(site: dict) -> str:
         return str(site["delta_rule"])
     samples = site.get("num_samples")
     if not samples:
-        return "run configuration (target-delta); when that is 0, 1/(10 N) rounded down for the site's N samples"
+        return ("the site's budget-delta, or when that is 0 the smaller of 1e-5 and 1/(10 N) rounded down at its "
+                "first round; fixed for the ledger's lifetime")
     if site["delta"] >= 1 / samples:
         return f"WARNING: delta is not below 1/N = {1 / samples:.3g} for N = {samples}: the guarantee is weak"
     if site["delta"] == accounting.default_delta(samples):
-        return f"1/(10 N) rounded down to one significant figure, N = {samples} training samples"
-    return f"run configuration (target-delta), below 1/N = {1 / samples:.3g} for N = {samples}"
+        return f"the smaller of 1e-5 and 1/(10 N) rounded down to one significant figure, N = {samples} training samples"
+    return f"set by the site (budget-delta), below 1/N = {1 / samples:.3g} for N = {samples}"
 
 
 def _independent_check(site: dict) -> tuple[dict | None, str | None]:

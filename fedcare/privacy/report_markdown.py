@@ -157,8 +157,8 @@ ASSUMPTIONS_TEMPLATE = """## Assumptions the guarantee rests on
 RELEASES = """## What left each site
 
 Model weights and numbers only: the sample rate q, the noise multiplier σ, the number of steps, the clipping norm C,
-ε and δ, and validation metrics. The exact training loss never leaves a site (it stays in the site's own log). No
-images, labels or patient identifiers left any site.
+ε and δ, and validation metrics. The exact training loss never leaves a site (it stays in the site's own log).
+No images, labels or patient identifiers left any site.
 """
 
 INDEPENDENT_CHECK = """## Independent check
