@@ -27,8 +27,9 @@ def privacy_report_data(privacy: dict[int, dict[str, dict[str, Any]]], rounds: d
                 site["status"] = "refused" if site["status"] == "ok" else site["status"]
                 continue
             record = PrivacyRecord.from_dict(numbers)
+            site.setdefault("delta_rule", numbers["delta_rule"])  # how the first round of the run chose it
             site.update(
-                accountant=record.accountant, delta=record.delta, delta_rule=numbers["delta_rule"],
+                accountant=record.accountant, delta=record.delta,
                 budget_epsilon=record.budget_epsilon, epsilon=record.epsilon,
                 history=[list(h) for h in zip(numbers["history-noise-multiplier"],
                                               numbers["history-sample-rate"], numbers["history-steps"])],

@@ -58,9 +58,10 @@ class RoundPlan:
         return self.record.epsilon
 
     def reply_fields(self) -> dict[str, float | int | str]:
-        """The plan as a train reply's privacy record carries it."""
-        fields = {**self.record.to_dict(), "delta_rule": self.delta_rule, "epsilon_before": self.epsilon_before,
-                  "epsilon_after": self.record.epsilon, "status": self.status}
+        """The plan as a train reply's privacy record carries it; `epsilon` is what the site has spent by then."""
+        spent = self.record.epsilon if self.affordable else self.epsilon_before
+        fields = {**self.record.to_dict(), "epsilon": spent, "delta_rule": self.delta_rule,
+                  "epsilon_before": self.epsilon_before, "epsilon_after": self.record.epsilon, "status": self.status}
         return fields | ({"reason": self.refusal} if self.refusal else {})
 
 
