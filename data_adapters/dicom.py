@@ -44,7 +44,7 @@ class SiteImages:
     images: list[np.ndarray] = field(default_factory=list)
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     uids: list[str] = field(default_factory=list)  # SOPInstanceUID (2D) or SeriesInstanceUID (3D)
-    groups: list[str] = field(default_factory=list)  # the manifest key each sample was labelled by
+    groups: list[str] = field(default_factory=list)  # the patient of each sample, else its manifest key
     spacings: list[tuple[float, ...]] = field(default_factory=list)  # mm per axis of each sample
     skipped: list[tuple[str, str]] = field(default_factory=list)  # files left out, with reasons
     failures: list[tuple[str, str]] = field(default_factory=list)  # indexed files whose pixels failed to decode
@@ -94,7 +94,7 @@ def _load_2d(site: SiteImages, site_reader: SiteReader, manifest: Manifest | Non
         for frame in frames:
             site.images.append(frame)
             site.uids.append(header.sop_uid)
-            site.groups.append(_key_value(header, manifest))
+            site.groups.append(header.unit(_key_value(header, manifest)))
             site.spacings.append(spacing)
             labels.append(label)
     site.labels = np.asarray(labels, dtype=np.int64)
@@ -138,7 +138,7 @@ def _load_3d(site: SiteImages, site_reader: SiteReader, manifest: Manifest | Non
             continue
         site.images.append(volume)
         site.uids.append(members[0].series_uid)
-        site.groups.append(group)
+        site.groups.append(members[0].unit(group))
         site.spacings.append(plan.spacing)
         labels.append(label)
     site.labels = np.asarray(labels, dtype=np.int64)

@@ -103,6 +103,11 @@ class InstanceHeader:
     referenced_series: tuple[str, ...]  # series a derived object (SEG) was made from
     identifying: tuple[tuple[str, str], ...]  # (keyword, masked value) of filled identifying tags
     deidentified: bool  # PatientIdentityRemoved is YES
+    patient_id: str = ""  # PatientID: which images are one patient's (never leaves the site)
+
+    def unit(self, fallback: str) -> str:
+        """The key that keeps one patient's images together: PatientID, else `fallback` (a series or instance)."""
+        return f"patient:{self.patient_id}" if self.patient_id else f"unit:{fallback}"
 
     def to_row(self) -> list[Any]:
         return [getattr(self, name) for name in self.__dataclass_fields__]
@@ -336,6 +341,7 @@ def header_from_elements(
         instance_number=int(instance_number) if instance_number is not None else None,
         accession=el.text("AccessionNumber"), referenced_series=tuple(r for r in referenced if r),
         identifying=_identifying(el), deidentified=el.text("PatientIdentityRemoved").upper() == "YES",
+        patient_id=el.text("PatientID"),
     )
 
 

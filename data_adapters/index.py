@@ -27,7 +27,7 @@ from .headers import MEDIA_DIRECTORY, InstanceHeader, Unusable, read_header
 __all__ = ["SiteIndex", "index_site", "site_files", "DUPLICATE", "SeriesKey"]
 
 DUPLICATE = "duplicate SOPInstanceUID (the same instance is stored twice)"
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2  # 2: headers carry PatientID
 
 SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
 

@@ -51,7 +51,7 @@ class SegmentationSite(SeriesTally):
     images: list[np.ndarray] = field(default_factory=list)  # [H, W] float32 in [0, 1]
     masks: list[np.ndarray] = field(default_factory=list)  # [H, W] int64, 0 background, 1 lesion
     uids: list[str] = field(default_factory=list)
-    groups: list[str] = field(default_factory=list)  # SeriesInstanceUID of each slice
+    groups: list[str] = field(default_factory=list)  # the patient of each slice, else its SeriesInstanceUID
 
 
 @dataclass
@@ -63,6 +63,7 @@ class SegmentedSeries:
     frames: list[np.ndarray]  # [H, W] physical values (HU for CT), one per planned slice
     labels: np.ndarray  # [Z, H, W] uint8, 0 background, segment numbers elsewhere
     sop_uids: list[str]  # source SOPInstanceUID of each planned slice
+    unit: str = ""  # the series' patient (PatientID), else the series itself: what the split keeps together
 
 
 def _resize_mask(labels: np.ndarray, size: int) -> np.ndarray:
@@ -96,7 +97,7 @@ def segmented_series(folder: Path, tally: SeriesTally) -> Iterator[SegmentedSeri
             continue
         sop_of = {h.path: h.sop_uid for h in images}
         yield SegmentedSeries(series_uid, plan, [decoded[s.path][s.frame] for s in plan.slices], labels,
-                              [sop_of[s.path] for s in plan.slices])
+                              [sop_of[s.path] for s in plan.slices], images[0].unit(series_uid))
 
 
 def no_segmented_series(folder: Path, tally: SeriesTally) -> SiteDataError:
@@ -113,7 +114,7 @@ def read_segmentation_site(folder: Path, preprocess: Preprocess) -> Segmentation
         site.images += list(preprocess(np.stack(series.frames)))
         site.masks += list(_resize_mask((series.labels > 0).astype(np.uint8), preprocess.image_size))
         site.uids += series.sop_uids
-        site.groups += [series.uid] * len(series.frames)
+        site.groups += [series.unit] * len(series.frames)
     if not site.images:
         raise no_segmented_series(folder, site)
     return site

@@ -50,7 +50,7 @@ class VolumeSite(SeriesTally):
 
     images: list[np.ndarray] = field(default_factory=list)  # [D, H, W] float32 in [0, 1]
     masks: list[np.ndarray] = field(default_factory=list)  # [D, H, W] int64, 0 background, 1 lesion
-    groups: list[str] = field(default_factory=list)  # SeriesInstanceUID of each volume
+    groups: list[str] = field(default_factory=list)  # the patient of each volume, else its SeriesInstanceUID
     excluded: int = 0  # series left out for irregular geometry
 
 
@@ -99,7 +99,7 @@ def read_segmentation_volumes(
         image, mask = resample_to_spacing(apply_window(hu, window), lesion, voxel, target)
         site.images.append(image)
         site.masks.append(mask)
-        site.groups.append(series.uid)
+        site.groups.append(series.unit)
     if not site.images and site.excluded:
         raise SiteDataError(f"data folder {folder}: all {site.excluded} segmented series have irregular slice "
                             "geometry: set irregular-series = \"resample\" or re-export the series")

@@ -47,7 +47,7 @@ def weights(reply: Message) -> torch.Tensor:
 def test_a_private_round_replies_with_weights_and_numbers_and_logs_its_egress(data, tmp_path):
     reply = app(request("train"), context(data, tmp_path))
     assert not reply.has_error()
-    assert reply.content["metrics"]["num-examples"] == 32  # training samples, not batches
+    assert reply.content["metrics"]["num-examples"] == 30  # training samples (three whole patients), not batches
     privacy = reply.content["privacy"]
     assert privacy["status"] == "ok" and 0 < privacy["epsilon"] <= privacy["budget_epsilon"]
     egress = [json.loads(line) for line in (tmp_path / "egress.jsonl").read_text().splitlines()]

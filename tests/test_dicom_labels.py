@@ -33,9 +33,9 @@ def test_series_key_labels_every_image_of_the_series_and_splits_whole_series(dem
     series = sorted({ds.SeriesInstanceUID for ds in _headers(demo)})
     (demo / "labels.csv").write_text("SeriesInstanceUID,label\n" + "".join(f"{u},{i % 2}\n" for i, u in enumerate(series)))
     site = read_site(demo)
-    assert len(site) == 40 and site.unlabelled == 0 and set(site.groups) == set(series)
-    for uid, label in zip(site.groups, site.labels):
-        assert label == series.index(uid) % 2
+    patient_of = {ds.SeriesInstanceUID: ds.PatientID for ds in _headers(demo)}
+    assert len(site) == 40 and site.unlabelled == 0
+    assert set(site.groups) == {f"patient:{patient_of[uid]}" for uid in series}  # the split keeps patients whole
     train, val = split_indices(site.labels, 0.25, 0, site.groups)
     assert {site.groups[i] for i in train}.isdisjoint({site.groups[i] for i in val})
     assert len(val) == 20  # one of the two series of each class, ten images each

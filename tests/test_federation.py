@@ -68,8 +68,9 @@ def test_every_site_reports_every_round(first_run):
         for entry in item["sites"].values():
             assert entry["train_status"] == "ok" and entry["evaluate_status"] == "ok"
             assert 0.0 <= entry["auc"] <= 1.0 and entry["num_examples"] > 0
-        # num-examples are samples: 40 and 60 cases with a 20 % validation split
-        assert sorted(e["num_train_examples"] for e in item["sites"].values()) == [32, 48]
+        # num-examples are samples: 40 and 60 cases of 4 and 6 patients (10 images each), split by patient,
+        # one patient of each class to validation
+        assert sorted(e["num_train_examples"] for e in item["sites"].values()) == [20, 40]
         total = sum(e["num_examples"] for e in item["sites"].values())
         weighted = sum(e["auc"] * e["num_examples"] for e in item["sites"].values()) / total
         assert item["aggregate"]["auc"] == pytest.approx(weighted)
