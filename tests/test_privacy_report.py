@@ -8,6 +8,7 @@ import pytest
 from fedcare.errors import FedcareError, LedgerError
 from fedcare.privacy import accounting
 from fedcare.privacy.ledger import Ledger
+from fedcare.privacy.record import NO_DP, PrivacyRecord
 from fedcare.privacy.report import REPORT_FILES, report_from_ledger, write_privacy_report
 
 Q = 1 / 16
@@ -187,3 +188,14 @@ def test_report_from_a_tampered_or_missing_ledger_fails(tmp_path, two_run_ledger
     two_run_ledger.head_path.unlink()
     with pytest.raises(LedgerError, match="head file"):
         report_from_ledger(two_run_ledger.path)
+
+
+def test_a_round_without_dp_in_the_ledger_is_reported_as_an_unbounded_release(tmp_path, two_run_ledger):
+    spent = two_run_ledger.entries()[-1].epsilon
+    two_run_ledger.append_record("run-c", 1, PrivacyRecord(NO_DP, 1.0, 0.0, 16, 1.0, 1e-5, "rdp", spent, 8.0))
+    report = report_from_ledger(two_run_ledger.path)
+    site = report["sites"]["site-north"]
+    assert site["unbounded_rounds"] == ["run-c round 1"] and len(site["rounds"]) == 4
+    write_privacy_report(tmp_path / "out", report)
+    page = (tmp_path / "out" / "privacy_report.md").read_text()
+    assert "WARNING, UNBOUNDED RELEASE at site `site-north`" in page and "trained WITHOUT DP" in page

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from fedcare.errors import FedcareError, LedgerError
 from fedcare.privacy import accounting
 from fedcare.atomic import write_atomic
-from fedcare.privacy.ledger import Ledger
+from fedcare.privacy.ledger import Ledger, private_history
 from fedcare.privacy.report_markdown import render_markdown
 
 REPORT_FILES: tuple[str, ...] = ("privacy_report.json", "privacy_report.md", "privacy_report.png")
@@ -71,7 +71,8 @@ def report_from_ledger(ledger_path: Path, budget_epsilon: float | None = None) -
         raise LedgerError(f"{ledger.path}: the ledger has no entries yet, so there is nothing to report")
     latest = entries[-1]
     budget = latest.budget_epsilon if budget_epsilon is None else float(budget_epsilon)
-    history = [(entry.noise_multiplier, entry.sample_rate, entry.steps) for entry in entries]
+    private = [entry for entry in entries if entry.private]
+    history = private_history(entries)
     rounds = [
         {
             "run_id": entry.run_id,
@@ -82,11 +83,15 @@ def report_from_ledger(ledger_path: Path, budget_epsilon: float | None = None) -
             "max_grad_norm": entry.max_grad_norm,
             "epsilon": accounting.epsilon(history[: index + 1], latest.delta, latest.accountant),
         }
-        for index, entry in enumerate(entries)
+        for index, entry in enumerate(private)
     ]
+    if not rounds:
+        raise LedgerError(f"{ledger.path}: the ledger records no DP-SGD round, only releases without DP")
+    unbounded = [f"{entry.run_id} round {entry.round}" for entry in entries if not entry.private]
     # "Exhausted" means the site would refuse a further round like its last one.
+    last = private[-1]
     next_epsilon = accounting.epsilon_after(
-        history, latest.noise_multiplier, latest.sample_rate, latest.steps, latest.delta, latest.accountant
+        history, last.noise_multiplier, last.sample_rate, last.steps, last.delta, last.accountant
     )
     site = {
         "accountant": latest.accountant,
@@ -97,6 +102,7 @@ def report_from_ledger(ledger_path: Path, budget_epsilon: float | None = None) -
         "history": [list(event) for event in history],
         "rounds": rounds,
         "refused_rounds": [],
+        "unbounded_rounds": unbounded,
     }
     return {
         "dp": True,

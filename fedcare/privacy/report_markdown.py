@@ -71,6 +71,11 @@ def _warnings(document: dict) -> list[str]:
                 f"> **WARNING, OVER BUDGET at site `{name}`:** spent epsilon {_number(site['epsilon'])} "
                 f"exceeds its budget {site['budget_epsilon']:g}."
             )
+        if site.get("unbounded_rounds"):
+            lines.append(
+                f"> **WARNING, UNBOUNDED RELEASE at site `{name}`:** {len(site['unbounded_rounds'])} round(s) trained "
+                "WITHOUT DP (its policy allowed it); no epsilon covers what they released."
+            )
         if site["delta_rule"].startswith("WARNING"):
             lines.append(f"> **WARNING, WEAK DELTA at site `{name}`:** {site['delta_rule']}")
     return [paragraph for line in lines for paragraph in (line, "")]
