@@ -27,6 +27,7 @@ from fedcare.model import build_model, check_private_trainable
 from fedcare.privacy.dpsgd import RoundPlan, plan_release_without_dp, plan_round, record_round, train_private
 from fedcare.privacy.ledger import Ledger, private_history
 from fedcare.privacy.randomness import reseed_global
+from fedcare.privacy.units import private_units
 from fedcare.segmentation import evaluate_segmentation, evaluate_volumes
 from fedcare.sites import Site, site_from_node_config
 from fedcare.training import evaluate, task_loss, train_plain
@@ -88,7 +89,7 @@ def site_data(work: Work) -> SiteDatasets:
     return site_datasets(
         site.data_path, split, config.image_size, window=config.window,
         input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
-        data_format=config.data_format, cache_dir=site.cache_path,
+        data_format=config.data_format, cache_dir=site.cache_path, patient_key=site.policy.patient_key,
     )
 
 
@@ -114,12 +115,13 @@ def train_within_budget(msg: Message, work: Work, ledger: Ledger, data: SiteData
     site = work.site
     check_private_trainable(work.model)
     entries = ledger.entries()
-    plan = plan_round(work.config, site, data.num_train, entries, work.run_id)
+    units = private_units(data.train, data.train_units, site.policy.privacy_unit)  # DP-SGD samples patients
+    plan = plan_round(work.config, site, len(units), entries, work.run_id)
     history = private_history(entries)
     if not plan.affordable:
         log.warning("%s round %d refused: %s", site.name, work.server_round, plan.refusal)
         return _privacy_reply(msg, work, plan.reply_fields() | _history_lists(history))
-    loss, record = train_private(work.model, data.train, work.config, plan, history, proximal_mu)
+    loss, record = train_private(work.model, units, work.config, plan, history, proximal_mu)
     record_round(ledger, record, work.run_id, work.server_round)
     log.info("%s round %d trained: loss %.4f, epsilon %.3f of %.3f", site.name, work.server_round, loss,
              record.epsilon, record.budget_epsilon)
@@ -130,7 +132,9 @@ def train_within_budget(msg: Message, work: Work, ledger: Ledger, data: SiteData
 def train_without_dp(msg: Message, work: Work, ledger: Ledger, data: SiteDatasets, proximal_mu: float) -> Message:
     """A round without DP, which only a site whose policy allows it reaches: an unbounded release, recorded."""
     entries = ledger.entries()
-    plan = plan_release_without_dp(work.config, work.site, data.num_train, entries)
+    plan = plan_release_without_dp(work.config, work.site, len(set(data.train_units)) or data.num_train, entries)
+    if not plan.affordable:
+        return _privacy_reply(msg, work, plan.reply_fields() | _history_lists(private_history(entries)))
     loss = train_plain(work.model, data.train, work.config, proximal_mu)
     record_round(ledger, plan.record, work.run_id, work.server_round)
     log.warning("%s round %d trained WITHOUT DP (allowed by the site's policy): loss %.4f; the release is unbounded",

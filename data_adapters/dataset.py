@@ -95,6 +95,7 @@ class SiteDatasets:
     unlabelled: int
     class_counts: dict[int, int] = field(default_factory=dict)
     excluded: int = 0  # 3D series left out for irregular geometry
+    train_units: list[str] = field(default_factory=list)  # whose each training sample is (stays on the site)
 
 
 def image_transform(image_size: int, window: tuple[float, float]) -> Compose:
@@ -125,6 +126,7 @@ def site_datasets(
     irregular: str = "exclude",
     cache_dir: Path | None = None,
     data_format: str = "dicom",
+    patient_key: str = "",
 ) -> SiteDatasets:
     """Read (or reuse) a site's images and split them into train/validation MONAI datasets.
 
@@ -132,13 +134,14 @@ def site_datasets(
     `window` is (low, high), a preset name or 'minmax'; `input_mode` '2d' makes each image or
     frame a sample, '3d' each series a volume (irregular series excluded or resampled, per
     `irregular`); `cache_dir` keeps the preprocessed arrays on disk for the next process;
-    `data_format` 'nifti' reads converted .nii/.nii.gz volumes instead of DICOM.
+    `data_format` 'nifti' reads converted .nii/.nii.gz volumes instead of DICOM; `patient_key` names the
+    manifest's pseudonymous patient column (else DICOM PatientID tells whose each image is).
     """
     folder = require_folder(folder)
     preprocess = Preprocess(window=window, image_size=image_size, volume=input_mode == "3d")
     manifest_path = Path(labels_csv) if labels_csv is not None else folder / LABELS_FILENAME
     key = (folder.resolve(), manifest_path.resolve(), label_key, input_mode, irregular, preprocess.fingerprint,
-           str(cache_dir), data_format)
+           str(cache_dir), data_format, patient_key)
 
     def build() -> SiteImages:
         if data_format == "nifti":
@@ -146,7 +149,7 @@ def site_datasets(
                                    preprocess=preprocess, cache_dir=cache_dir)
         if data_format != "dicom":
             raise SiteDataError(f"data-format {data_format!r} must be 'dicom' or 'nifti'")
-        manifest = manifest_for(folder, manifest_path, label_key)
+        manifest = manifest_for(folder, manifest_path, label_key, patient_key)
         return load_site(folder, manifest, input_mode=input_mode, irregular=irregular,
                          preprocess=preprocess, cache_dir=cache_dir)
 
@@ -164,5 +167,6 @@ def site_datasets(
         unlabelled=site.unlabelled,
         class_counts={int(c): int(n) for c, n in zip(classes, counts)},
         excluded=len(site.excluded),
+        train_units=[site.groups[i] for i in train_idx],
     )
 

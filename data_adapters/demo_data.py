@@ -32,7 +32,21 @@ DEFAULT_CASES = (120, 300, 600)
 # refuses the round that would overspend it while the federation goes on with the others.
 DEMO_BUDGET = 10.0
 DEMO_BUDGETS: Mapping[str, float] = {"site-0": 6.0}
-_INSTANCES_PER_SERIES = 10
+# Each demo patient has one study of one series; the series lengths cycle through these, so patients
+# hold different numbers of images (one to three) and patient-level DP-SGD has patients to sample.
+_SERIES_LENGTHS = (2, 1, 3, 1, 2, 1)
+
+
+def _study_of(case: int) -> tuple[int, int]:
+    """(study, index within it) of a case: studies, one per patient, of the cycling series lengths."""
+    cycle, offset = divmod(case, sum(_SERIES_LENGTHS))
+    study = cycle * len(_SERIES_LENGTHS)
+    for length in _SERIES_LENGTHS:
+        if offset < length:
+            return study, offset
+        offset -= length
+        study += 1
+    raise AssertionError("unreachable: offset lies within one cycle")
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,9 @@ def file_meta(sop_class: str, sop_uid: str) -> FileMetaDataset:
     return meta
 
 
-def _case_dataset(site: int, case: int, scanner: _Scanner, pixels: np.ndarray, uids: dict[str, str]) -> Dataset:
-    study, in_study = divmod(case, _INSTANCES_PER_SERIES)
+def _case_dataset(site: int, study: int, in_study: int, scanner: _Scanner, pixels: np.ndarray,
+                  uids: dict[str, str]) -> Dataset:
+    """One CT instance: slice `in_study` of the one series of `study`, which is one patient's."""
     size = pixels.shape[0]
     ds = Dataset()
     ds.file_meta = file_meta(CTImageStorage, uids["sop"])
@@ -203,7 +218,7 @@ def _write_site(folder: Path, site: int, n_cases: int, seed: int, image_size: in
 
     rows = ["SOPInstanceUID,label"]
     for case in range(n_cases):
-        study, in_study = divmod(case, _INSTANCES_PER_SERIES)
+        study, in_study = _study_of(case)
         uids = {
             "sop": _uid(seed, site, "sop", case),
             "study": _uid(seed, site, "study", study),
@@ -213,7 +228,7 @@ def _write_site(folder: Path, site: int, n_cases: int, seed: int, image_size: in
         pixels = _encode(_render(rng, image_size, scanner, bool(labels[case])), scanner)
         path = folder / _relative_name(scanner.layout, study, in_study + 1, uids["sop"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        dcmwrite(path, _case_dataset(site, case, scanner, pixels, uids), enforce_file_format=True)
+        dcmwrite(path, _case_dataset(site, study, in_study, scanner, pixels, uids), enforce_file_format=True)
         rows.append(f"{uids['sop']},{labels[case]}")
     (folder / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8", newline="")
 

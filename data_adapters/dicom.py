@@ -67,6 +67,12 @@ def _label(header: InstanceHeader, manifest: Manifest | None) -> int | None:
     return manifest.labels.get(_key_value(header, manifest)) if manifest is not None else None
 
 
+def _unit(header: InstanceHeader, manifest: Manifest | None, fallback: str) -> str:
+    """Whose image this is: the manifest's pseudonymous patient, else the header's PatientID, else `fallback`."""
+    patient = manifest.patients.get(_key_value(header, manifest)) if manifest is not None else None
+    return f"patient:{patient}" if patient else header.unit(fallback)
+
+
 def _is_image(header: InstanceHeader) -> bool:
     return header.modality not in _MASK_MODALITIES
 
@@ -94,7 +100,7 @@ def _load_2d(site: SiteImages, site_reader: SiteReader, manifest: Manifest | Non
         for frame in frames:
             site.images.append(frame)
             site.uids.append(header.sop_uid)
-            site.groups.append(header.unit(_key_value(header, manifest)))
+            site.groups.append(_unit(header, manifest, _key_value(header, manifest)))
             site.spacings.append(spacing)
             labels.append(label)
     site.labels = np.asarray(labels, dtype=np.int64)
@@ -138,7 +144,7 @@ def _load_3d(site: SiteImages, site_reader: SiteReader, manifest: Manifest | Non
             continue
         site.images.append(volume)
         site.uids.append(members[0].series_uid)
-        site.groups.append(members[0].unit(group))
+        site.groups.append(_unit(members[0], manifest, group))
         site.spacings.append(plan.spacing)
         labels.append(label)
     site.labels = np.asarray(labels, dtype=np.int64)
@@ -181,9 +187,10 @@ def require_folder(folder: Path) -> Path:
     return folder
 
 
-def manifest_for(folder: Path, labels_csv: Path | None, label_key: str | None) -> Manifest:
-    """The site's manifest: `labels_csv`, or labels.csv in the folder."""
-    return read_manifest(Path(labels_csv) if labels_csv is not None else Path(folder) / LABELS_FILENAME, key=label_key)
+def manifest_for(folder: Path, labels_csv: Path | None, label_key: str | None, patient_key: str = "") -> Manifest:
+    """The site's manifest: `labels_csv`, or labels.csv in the folder; `patient_key` names its patient column."""
+    path = Path(labels_csv) if labels_csv is not None else Path(folder) / LABELS_FILENAME
+    return read_manifest(path, key=label_key, patient_column=patient_key)
 
 
 def load_site(

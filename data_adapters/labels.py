@@ -36,6 +36,7 @@ class Manifest:
     key: str
     labels: dict[str, int] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
+    patients: dict[str, str] = field(default_factory=dict)  # key value -> pseudonymous patient, if the site names a column
 
     def describe(self, values: list[str], limit: int = 5) -> str:
         """'rows 4, 9': where the key values are in the manifest.
@@ -85,11 +86,13 @@ def _key_column(path: Path, names: list[str], header: list[str], key: str | None
                 f"name one of {', '.join(allowed)} and a '{LABEL_COLUMN}' column", 1)
 
 
-def read_manifest(csv_path: Path, key: str | None = None, allowed: tuple[str, ...] = DICOM_KEYS) -> Manifest:
+def read_manifest(csv_path: Path, key: str | None = None, allowed: tuple[str, ...] = DICOM_KEYS,
+                  patient_column: str = "") -> Manifest:
     """Read a manifest keyed by `key`, or by the most specific column of `allowed` it holds.
 
     Extra columns are ignored and blank lines skipped. Labels must be non-negative integers
-    (class indices); a key value may appear only once.
+    (class indices); a key value may appear only once. `patient_column` names a column of
+    pseudonymous patient keys (the site's `patient-key`); a row with it empty is its own patient.
     """
     path = Path(csv_path)
     if key is not None and key.lower() not in {k.lower() for k in allowed}:
@@ -106,7 +109,11 @@ def read_manifest(csv_path: Path, key: str | None = None, allowed: tuple[str, ..
             raise _fail(path, f"header has no '{LABEL_COLUMN}' column (found: {','.join(header)[:80]})",
                         f"make it {_expected(key)}", 1)
         manifest = Manifest(path=path, key=key)
-        _read_rows(manifest, reader, names.index(key.lower()), names.index(LABEL_COLUMN))
+        if patient_column and patient_column.lower() not in names:
+            raise _fail(path, f"header has no '{patient_column}' column, which the site's patient-key names",
+                        "add the column or change patient-key", 1)
+        patient_col = names.index(patient_column.lower()) if patient_column else None
+        _read_rows(manifest, reader, names.index(key.lower()), names.index(LABEL_COLUMN), patient_col)
     except csv.Error as exc:
         raise _fail(path, f"is not valid CSV ({exc})", f"write {_expected(key or allowed[0])}", reader.line_num) from None
     if not manifest.labels:
@@ -114,7 +121,7 @@ def read_manifest(csv_path: Path, key: str | None = None, allowed: tuple[str, ..
     return manifest
 
 
-def _read_rows(manifest: Manifest, reader, key_col: int, label_col: int) -> None:
+def _read_rows(manifest: Manifest, reader, key_col: int, label_col: int, patient_col: int | None = None) -> None:
     path, key = manifest.path, manifest.key
     for row in reader:
         line = reader.line_num
@@ -136,6 +143,8 @@ def _read_rows(manifest: Manifest, reader, key_col: int, label_col: int) -> None
             raise _fail(path, f"{key} repeats row {manifest.rows[value]}", "keep one row per case", line)
         manifest.labels[value] = label
         manifest.rows[value] = line
+        if patient_col is not None and len(row) > patient_col and row[patient_col].strip():
+            manifest.patients[value] = row[patient_col].strip()
 
 
 def read_labels(csv_path: Path) -> dict[str, int]:

@@ -171,5 +171,5 @@ def segmentation_volume_datasets(
         val=Dataset(data=val_idx.tolist(), transform=_Volumes(site)),
         num_train=len(train_idx), num_val=len(val_idx), skipped=len(site.failures),
         unlabelled=site.unsegmented, class_counts={int(c): int(n) for c, n in zip(classes, counts)},
-        excluded=site.excluded,
+        excluded=site.excluded, train_units=[site.groups[i] for i in train_idx],
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fedcare.config import RunConfig
-from fedcare.privacy.record import ACCOUNTANTS
+from fedcare.privacy.record import ACCOUNTANTS, PATIENT, PRIVACY_UNITS
 from fedcare.errors import ConfigError
 
 # The node-config keys of a policy, with their defaults; budget-epsilon has none: a site must set it.
@@ -25,6 +25,8 @@ POLICY_DEFAULTS: dict[str, Any] = {
     "max-run-epsilon": 0.0,         # the most one run may spend; 0: only the lifetime budget limits it
     "evaluation-quota": 100,        # evaluation replies one run may get from this site
     "val-fraction": 0.2,            # share of the site's cases held out for validation, split once and kept
+    "privacy-unit": PATIENT,        # patient: epsilon protects a patient; image: only for one image per patient
+    "patient-key": "",              # the label manifest's pseudonymous patient column; empty: DICOM PatientID
 }
 POLICY_KEYS = ("budget-epsilon", *POLICY_DEFAULTS)
 
@@ -41,6 +43,8 @@ class SitePolicy:
     max_run_epsilon: float = 0.0
     evaluation_quota: int = 100
     val_fraction: float = 0.2
+    privacy_unit: str = PATIENT
+    patient_key: str = ""
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], source: str = "node config") -> "SitePolicy":
@@ -60,6 +64,8 @@ class SitePolicy:
             max_run_epsilon=_number(source, "max-run-epsilon", values["max-run-epsilon"], low=0.0, low_open=False),
             evaluation_quota=_count(source, "evaluation-quota", values["evaluation-quota"]),
             val_fraction=_number(source, "val-fraction", values["val-fraction"], low=0.0, high=1.0),
+            privacy_unit=_choice(source, "privacy-unit", values["privacy-unit"], PRIVACY_UNITS),
+            patient_key=_text(source, "patient-key", values["patient-key"]),
         )
         return policy
 
@@ -109,6 +115,12 @@ def _choice(source: str, key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(f"{source}: '{key}' = {value!r} must be one of {', '.join(allowed)}")
     return str(value)
+
+
+def _text(source: str, key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: '{key}' = {value!r} must be text (a column name)")
+    return value.strip()
 
 
 def _count(source: str, key: str, value: Any) -> int:

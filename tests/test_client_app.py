@@ -47,7 +47,7 @@ def weights(reply: Message) -> torch.Tensor:
 def test_a_private_round_replies_with_weights_and_numbers_and_logs_its_egress(data, tmp_path):
     reply = app(request("train"), context(data, tmp_path))
     assert not reply.has_error()
-    assert reply.content["metrics"]["num-examples"] == 30  # training samples (three whole patients), not batches
+    trained = reply.content["metrics"]["num-examples"]
     privacy = reply.content["privacy"]
     assert privacy["status"] == "ok" and 0 < privacy["epsilon"] <= privacy["budget_epsilon"]
     egress = [json.loads(line) for line in (tmp_path / "egress.jsonl").read_text().splitlines()]
@@ -56,6 +56,7 @@ def test_a_private_round_replies_with_weights_and_numbers_and_logs_its_egress(da
 
     evaluation = evaluate_global(request("evaluate"), context(data, tmp_path))
     assert set(evaluation.content["metrics"].keys()) == {"loss", "accuracy", "auc", "num-examples"}
+    assert trained + evaluation.content["metrics"]["num-examples"] == 40  # images, not batches or patients
 
 
 def test_a_site_without_budget_refuses_and_sends_no_weights(data, tmp_path):

@@ -71,7 +71,7 @@ def test_a_ready_site_and_its_privacy_cost(demo_site: Path) -> None:
     report = json.loads(output)
     assert code == 0 and report["ready"] is True and report["problems"] == []
     assert report["labelled"] == 50 and report["images_readable"] == 50 and report["unreadable"] == []
-    assert report["series_by_modality"] == [{"modality": "CT", "manufacturer": "SIEMENS", "series": 5, "instances": 50}]
+    assert report["series_by_modality"] == [{"modality": "CT", "manufacturer": "SIEMENS", "series": 30, "instances": 50}]
     config = load_preset(config_path)
     site = read_site(demo_site)
     n_train = len(split_indices(site.labels, 0.2, 0, site.groups)[0])

@@ -68,9 +68,8 @@ def test_every_site_reports_every_round(first_run):
         for entry in item["sites"].values():
             assert entry["train_status"] == "ok" and entry["evaluate_status"] == "ok"
             assert 0.0 <= entry["auc"] <= 1.0 and entry["num_examples"] > 0
-        # num-examples are samples: 40 and 60 cases of 4 and 6 patients (10 images each), split by patient,
-        # one patient of each class to validation
-        assert sorted(e["num_train_examples"] for e in item["sites"].values()) == [20, 40]
+        # num-examples are images, training plus validation: all 40 and 60 cases, each patient on one side
+        assert sorted(e["num_train_examples"] + e["num_examples"] for e in item["sites"].values()) == [40, 60]
         total = sum(e["num_examples"] for e in item["sites"].values())
         weighted = sum(e["auc"] * e["num_examples"] for e in item["sites"].values()) / total
         assert item["aggregate"]["auc"] == pytest.approx(weighted)

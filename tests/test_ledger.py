@@ -97,11 +97,11 @@ def test_the_first_entry_fixes_delta_for_the_ledgers_lifetime(ledger):
 
 def test_a_round_without_dp_is_recorded_as_an_unbounded_release_that_adds_no_epsilon(ledger):
     first = record(ledger, round=1)
-    plain = ledger.append_record("run-1", 2, PrivacyRecord(NO_DP, 1.0, 0.0, 16, 1.0, 1e-5, "rdp", first.epsilon, 8.0))
+    plain = ledger.append_record("run-1", 2, PrivacyRecord(NO_DP, "patient", 1, 1.0, 0.0, 16, 1.0, 1e-5, "rdp", first.epsilon, 8.0))
     assert not plain.private and ledger.entries()[-1] == plain
     assert ledger.history() == [(1.0, Q, 16)]
     with pytest.raises(LedgerError, match="noise_multiplier"):
-        ledger.append_record("run-1", 3, PrivacyRecord(DP_SGD, 1.0, 0.0, 16, 1.0, 1e-5, "rdp", first.epsilon, 8.0))
+        ledger.append_record("run-1", 3, PrivacyRecord(DP_SGD, "patient", 1, 1.0, 0.0, 16, 1.0, 1e-5, "rdp", first.epsilon, 8.0))
 
 
 def test_a_held_ledger_refuses_another_round_until_released(ledger):
@@ -313,3 +313,10 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError):
         write_atomic(blocker, b"cannot replace a folder")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["folder", "report.json"]
+
+
+def test_the_first_entry_fixes_the_privacy_unit(ledger):
+    record(ledger, round=1)
+    spent = accounting.epsilon_after(ledger.history(), 1.0, Q, 16, 1e-5, "rdp")
+    with pytest.raises(LedgerError, match="accounts per patient"):
+        ledger.append("run-1", 2, Q, 1.0, 16, 1.0, 1e-5, "rdp", spent, 8.0, privacy_unit="image", population=40)

@@ -192,7 +192,7 @@ def test_report_from_a_tampered_or_missing_ledger_fails(tmp_path, two_run_ledger
 
 def test_a_round_without_dp_in_the_ledger_is_reported_as_an_unbounded_release(tmp_path, two_run_ledger):
     spent = two_run_ledger.entries()[-1].epsilon
-    two_run_ledger.append_record("run-c", 1, PrivacyRecord(NO_DP, 1.0, 0.0, 16, 1.0, 1e-5, "rdp", spent, 8.0))
+    two_run_ledger.append_record("run-c", 1, PrivacyRecord(NO_DP, "patient", 1, 1.0, 0.0, 16, 1.0, 1e-5, "rdp", spent, 8.0))
     report = report_from_ledger(two_run_ledger.path)
     site = report["sites"]["site-north"]
     assert site["unbounded_rounds"] == ["run-c round 1"] and len(site["rounds"]) == 4

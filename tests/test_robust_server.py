@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sites") / "data"
-    write_demo_sites(folder, sites=4, seed=5, cases=[40, 40, 40, 40])
+    write_demo_sites(folder, sites=4, seed=5, cases=[40, 40, 40, 40], budgets={f"site-{i}": 50.0 for i in range(4)})
     return folder
 
 
@@ -67,7 +67,7 @@ def test_too_few_sites_stop_the_run_with_a_checkpoint_then_resume(data, tmp_path
     assert [r["round"] for r in report["sites"]["site-0"]["rounds"]] == [1, 2, 3, 4]
 
     broken = tmp_path / "broken"
-    write_demo_sites(broken, sites=2, seed=5, cases=[40, 40])
+    write_demo_sites(broken, sites=2, seed=5, cases=[40, 40], budgets={"site-0": 50.0, "site-1": 50.0})
     (broken / "site-1" / "labels.csv").unlink()
     with pytest.raises(FedcareError, match="stopped early"):
         run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr",

@@ -66,7 +66,7 @@ class RoundPlan:
 
 
 def site_delta(site: Site, num_train: int, entries: list[LedgerEntry]) -> tuple[float, str, str | None]:
-    """(delta, how it was chosen, refusal): the ledger's delta once it has one, else the site's rule."""
+    """(delta, how it was chosen, refusal): the ledger's delta once it has one, else the site's rule for N units."""
     configured = site.policy.budget_delta
     if entries:
         fixed = entries[0].delta
@@ -77,11 +77,23 @@ def site_delta(site: Site, num_train: int, entries: list[LedgerEntry]) -> tuple[
         return fixed, "fixed by the ledger's first entry", None
     if configured:
         return configured, "set by the site", None
-    return default_delta(num_train), f"the smaller of 1e-5 and 1/(10 N) rounded down, N = {num_train} at the first round", None
+    unit = site.policy.privacy_unit
+    return default_delta(num_train), (f"the smaller of 1e-5 and 1/(10 N) rounded down, N = {num_train} {unit}s at the "
+                                      "first round"), None
+
+
+def unit_refusal(site: Site, entries: list[LedgerEntry]) -> str | None:
+    """Why a round per this site's privacy unit cannot compose with its ledger, or None."""
+    unit = site.policy.privacy_unit
+    if entries and entries[0].privacy_unit != unit:
+        return (f"this site's ledger accounts per {entries[0].privacy_unit}, and its privacy-unit now says {unit}: "
+                f"epsilons of different units do not compose; set privacy-unit back to {entries[0].privacy_unit}")
+    return None
 
 
 def plan_round(config: RunConfig, site: Site, num_train: int, entries: list[LedgerEntry], run_id: str) -> RoundPlan:
-    """Plan this round: q and steps from the site's data, sigma from the whole run's target, limits from the policy."""
+    """Plan this round: q and steps from the site's N training units, sigma from the whole run's target, limits
+    from the policy. `num_train` counts patients when the site's privacy unit is the patient."""
     policy = site.policy
     epoch_steps = steps_per_epoch(num_train, config.batch_size)
     sample_rate = 1.0 / epoch_steps
@@ -96,9 +108,10 @@ def plan_round(config: RunConfig, site: Site, num_train: int, entries: list[Ledg
     after = epsilon_after(history, sigma, sample_rate, round_steps, delta, policy.accountant)
     this_run = private_history([entry for entry in entries if entry.run_id == run_id])
     run_after = epsilon_after(this_run, sigma, sample_rate, round_steps, delta, policy.accountant)
-    record = PrivacyRecord(DP_SGD, sample_rate, sigma, round_steps, config.max_grad_norm, delta, policy.accountant,
-                           after, policy.budget_epsilon)
-    refusal = refusal or policy.delta_refusal(config.target_delta, delta) or policy.noise_refusal(sigma)
+    record = PrivacyRecord(DP_SGD, policy.privacy_unit, num_train, sample_rate, sigma, round_steps,
+                           config.max_grad_norm, delta, policy.accountant, after, policy.budget_epsilon)
+    refusal = (unit_refusal(site, entries) or refusal or policy.delta_refusal(config.target_delta, delta)
+               or policy.noise_refusal(sigma))
     if refusal:
         return RoundPlan(record, delta_rule, before, refusal, "refused")
     if after > policy.budget_epsilon:
@@ -115,9 +128,10 @@ def plan_release_without_dp(config: RunConfig, site: Site, num_train: int, entri
     delta, delta_rule, _ = site_delta(site, num_train, entries)
     before = epsilon(private_history(entries), delta, site.policy.accountant)
     steps = config.local_epochs * steps_per_epoch(num_train, config.batch_size)
-    record = PrivacyRecord(NO_DP, 1.0, 0.0, steps, config.max_grad_norm, delta, site.policy.accountant, before,
-                           site.policy.budget_epsilon)
-    return RoundPlan(record, delta_rule, before)
+    record = PrivacyRecord(NO_DP, site.policy.privacy_unit, num_train, 1.0, 0.0, steps, config.max_grad_norm, delta,
+                           site.policy.accountant, before, site.policy.budget_epsilon)
+    refusal = unit_refusal(site, entries)
+    return RoundPlan(record, delta_rule, before, refusal, "refused" if refusal else "ok")
 
 
 @dataclass

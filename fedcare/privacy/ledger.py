@@ -36,7 +36,7 @@ from pathlib import Path
 from fedcare.atomic import write_atomic
 from fedcare.errors import LedgerBusy, LedgerError
 from fedcare.privacy import accounting
-from fedcare.privacy.record import DP_SGD, MECHANISMS, NO_DP, PrivacyRecord
+from fedcare.privacy.record import DP_SGD, MECHANISMS, PATIENT, PRIVACY_UNITS, PrivacyRecord
 
 GENESIS_HASH = "0" * 64
 
@@ -115,6 +115,8 @@ def _value_problem(record: dict) -> str | None:
     private = record["mechanism"] == DP_SGD
     checks = [
         (record["mechanism"] in MECHANISMS, f"mechanism {record['mechanism']!r} is not one of {', '.join(MECHANISMS)}"),
+        (record["privacy_unit"] in PRIVACY_UNITS, f"privacy_unit {record['privacy_unit']!r} is not patient or image"),
+        (record["population"] >= 1, f"population {record['population']!r} is below 1"),
         (bool(record["run_id"]), "run_id is empty"),
         (record["round"] >= 0, f"round {record['round']} is negative"),
         (0 < record["sample_rate"] <= 1, f"sample_rate {record['sample_rate']!r} is not in (0, 1]"),
@@ -210,10 +212,12 @@ class Ledger:
         accountant: str,
         epsilon: float,
         budget_epsilon: float,
+        privacy_unit: str = PATIENT,
+        population: int = 1,
     ) -> LedgerEntry:
         """Record one DP-SGD training event that has happened; returns the entry written."""
-        record = PrivacyRecord(DP_SGD, sample_rate, noise_multiplier, steps, max_grad_norm, delta, accountant,
-                               epsilon, budget_epsilon)
+        record = PrivacyRecord(DP_SGD, privacy_unit, population, sample_rate, noise_multiplier, steps, max_grad_norm,
+                               delta, accountant, epsilon, budget_epsilon)
         return self.append_record(run_id, round, record)
 
     def append_record(self, run_id: str, round: int, release: PrivacyRecord) -> LedgerEntry:
@@ -244,6 +248,9 @@ class Ledger:
         problem = _type_problem(record) or _value_problem(record)
         if problem:
             raise LedgerError(f"{self.path}: refusing to append this round: {problem}; the ledger is unchanged")
+        if entries and record["privacy_unit"] != entries[0].privacy_unit:
+            raise LedgerError(f"{self.path}: refusing to append a round per {record['privacy_unit']}: the ledger "
+                              f"accounts per {entries[0].privacy_unit}; the ledger is unchanged")
         if entries and record["delta"] != entries[0].delta:
             raise LedgerError(f"{self.path}: refusing to append delta {record['delta']!r}: the ledger's delta is "
                               f"{entries[0].delta!r}, fixed by its first entry; the ledger is unchanged")

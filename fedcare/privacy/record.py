@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+# What one DP-SGD sample stands for: a patient (all their images, one clipped gradient per step) or one image.
+PATIENT, IMAGE = "patient", "image"
+PRIVACY_UNITS: tuple[str, ...] = (PATIENT, IMAGE)
 DP_SGD = "dp-sgd"
 # A round the site's policy let run without DP: its release is unbounded, and every report says so.
 NO_DP = "none"
@@ -29,6 +32,8 @@ class PrivacyRecord:
     """What one training round at one site releases, in the accountant's terms."""
 
     mechanism: str
+    privacy_unit: str       # patient | image: what epsilon protects
+    population: int         # N: the site's training units (patients or images) the round sampled from
     sample_rate: float
     noise_multiplier: float
     steps: int
@@ -57,6 +62,6 @@ class PrivacyRecord:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PrivacyRecord))
-TEXT_FIELDS = ("mechanism", "accountant")
+TEXT_FIELDS = ("mechanism", "privacy_unit", "accountant")
 # Every field a train reply's privacy record may hold: the egress audit allows these and no other.
 REPLY_FIELDS: frozenset[str] = frozenset((*FIELDS, *REPLY_TEXT, *REPLY_NUMBERS))
