@@ -37,7 +37,7 @@ LOW_EPSILON = 2.0
 def _centralised(config: RunConfig, splits: dict, train_on: list[str]) -> dict:
     """Train one model on the named sites' training splits; score it on every site's validation split."""
     model = build_model(config)
-    train_plain(model, ConcatDataset([splits[name].train for name in train_on]), config, config.seed)
+    train_plain(model, ConcatDataset([splits[name].train for name in train_on]), config)
     scores = {name: evaluate(model, split.val, config.batch_size) for name, split in splits.items()}
     return {"auc": weighted_auc([(scores[n]["auc"], splits[n].num_val) for n in splits]),
             "own_auc": {n: scores[n]["auc"] for n in train_on} if len(train_on) == 1 else None}

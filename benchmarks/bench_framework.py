@@ -30,6 +30,7 @@ from fedcare.config import RunConfig  # noqa: E402
 from fedcare.model import build_model, check_private_trainable  # noqa: E402
 from fedcare.privacy.dpsgd import plan_round, record_round, train_private  # noqa: E402
 from fedcare.privacy.ledger import Ledger  # noqa: E402
+from fedcare.privacy.units import private_units  # noqa: E402
 from fedcare.sites import Site, simulated_site  # noqa: E402
 from fedcare.training import evaluate, train_plain  # noqa: E402
 
@@ -64,8 +65,9 @@ def _site_round(config: RunConfig, site: Site, weights: dict, server_round: int)
     check_private_trainable(model)
     with Ledger(site.ledger_path).hold() as ledger:
         entries = ledger.entries()
-        plan = plan_round(config, site, data.num_train, entries, "plain-loop")
-        _, record = train_private(model, data.train, config, plan, ledger.history(), proximal_mu)
+        units = private_units(data.train, data.train_units, site.policy.privacy_unit)
+        plan = plan_round(config, site, len(units), entries, "plain-loop")
+        _, record = train_private(model, units, config, plan, ledger.history(), proximal_mu)
         record_round(ledger, record, "plain-loop", server_round)
     return model.state_dict(), data.num_train
 

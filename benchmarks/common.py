@@ -61,13 +61,15 @@ def set_threads() -> int:
     return threads
 
 
-def demo_sites(quick: bool, cases: tuple[int, ...] | None = None) -> Path:
-    """The demo hospitals' DICOM under outputs/bench/, written once and reused by later runs."""
+def demo_sites(quick: bool, cases: tuple[int, ...] | None = None, privacy_unit: str = "patient") -> Path:
+    """The demo hospitals' DICOM under outputs/bench/, written once and reused by later runs; each site's
+    site.toml sets `privacy_unit`."""
     cases = tuple(cases or (QUICK_CASES if quick else DEMO_CASES))
-    folder = SCRATCH / "data" / ("demo-" + "-".join(map(str, cases)))
+    folder = SCRATCH / "data" / ("demo-" + "-".join(map(str, cases)) + ("" if privacy_unit == "patient" else "-image"))
     if not (folder / f"site-{len(cases) - 1}" / "site.toml").is_file():
         write_demo_sites(folder, sites=len(cases), seed=DEMO_SEED, cases=list(cases), overwrite=True,
-                         budgets={f"site-{i}": BENCH_BUDGET for i in range(len(cases))}, policy=BENCH_POLICY)
+                         budgets={f"site-{i}": BENCH_BUDGET for i in range(len(cases))},
+                         policy=BENCH_POLICY | {"privacy-unit": privacy_unit})
     return folder
 
 

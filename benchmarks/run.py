@@ -31,6 +31,7 @@ MODULES = {
     "bench_scale": ("scale",),
     "bench_communication": ("communication",),
     "bench_accuracy": ("accuracy",),
+    "bench_privacy_unit": ("privacy-unit-accuracy",),
     "bench_segmentation": ("unet-dp-overhead", "unet3d-dp-overhead"),
 }
 ORDER = [name for names in MODULES.values() for name in names]
