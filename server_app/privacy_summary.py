@@ -29,6 +29,7 @@ def privacy_report_data(privacy: dict[int, dict[str, dict[str, Any]]], rounds: d
             record = PrivacyRecord.from_dict(numbers)
             site.setdefault("delta_rule", numbers["delta_rule"])  # how the first round of the run chose it
             site.update(
+                privacy_unit=record.privacy_unit, population=record.population,
                 accountant=record.accountant, delta=record.delta,
                 budget_epsilon=record.budget_epsilon, epsilon=record.epsilon,
                 history=[list(h) for h in zip(numbers["history-noise-multiplier"],

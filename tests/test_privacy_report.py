@@ -88,9 +88,9 @@ def test_markdown_has_the_site_table_assumptions_and_sign_off(tmp_path, run_repo
     write_privacy_report(tmp_path, run_report)
     page = (tmp_path / "privacy_report.md").read_text()
     assert "NO DIFFERENTIAL PRIVACY" not in page
-    assert "| Site | Status | Budget ε | Spent ε (lifetime) | δ |" in page
+    assert "| Site | Status | ε protects | Budget ε | Spent ε (lifetime) | δ |" in page
     epsilon = run_report["sites"]["site-0"]["epsilon"]
-    assert f"| site-0 | ok | 8 | {epsilon:.4g} | 0.001 |" in page
+    assert f"| site-0 | ok | one sample | 8 | {epsilon:.4g} | 0.001 |" in page
     assert "set by the site (budget-delta), below 1/N = 0.00208 for N = 480" in page
     assert "(k·ε, k·e^((k−1)·ε)·δ)" in page and "roughly" not in page  # group privacy, stated exactly
     assert "os.urandom" in page and "training loss never leaves" in page

@@ -92,10 +92,12 @@ def _summary(document: dict) -> list[str]:
         else:
             check = "agrees within 1%"
         status = site["status"] + (" **(OVER BUDGET)**" if site.get("over_budget") else "")
+        unit = site.get("privacy_unit", "sample")
         rows.append(
             [
                 name,
                 status,
+                f"one {unit}" + (f" (N = {site['population']})" if site.get("population") else ""),
                 f"{site['budget_epsilon']:g}",
                 _number(site["epsilon"]),
                 f"{site['delta']:g}",
@@ -106,7 +108,7 @@ def _summary(document: dict) -> list[str]:
                 check,
             ]
         )
-    header = ["Site", "Status", "Budget ε", "Spent ε (lifetime)", "δ", "How δ was chosen", "Accountant"]
+    header = ["Site", "Status", "ε protects", "Budget ε", "Spent ε (lifetime)", "δ", "How δ was chosen", "Accountant"]
     header += ["dp-accounting RDP ε", "dp-accounting PLD ε", "Independent check"]
     return ["## Summary per site", "", *_table(header, rows), ""]
 
@@ -144,10 +146,12 @@ ASSUMPTIONS_TEMPLATE = """## Assumptions the guarantee rests on
 
 - **Poisson sampling**: batches were drawn by Opacus' Poisson sampler. Shuffled fixed-size batches would void the
   accounting.
-- **One sample per patient**: the guarantee protects one training sample. If a patient has several images (or
-  series) in the training data, the guarantee is **per image, not per patient**: by group privacy, k images of one
-  patient are protected only at (k·ε, k·e^((k−1)·ε)·δ), which for ε = 8 and k = 2 already puts the δ term near
-  2·e^8·δ ≈ 6000·δ, and beyond any meaning for larger k.
+- **The privacy unit** ("ε protects" above): at a site whose unit is the patient, DP-SGD sampled patients and
+  each drawn patient gave one clipped gradient per step (one of their images at random), so ε protects a whole
+  patient, whatever number of images they hold, provided the patient key (DICOM PatientID, or the manifest column
+  the site names) is the same for all of a patient's images. At a site whose unit is the image, ε protects one
+  image: by group privacy, k images of one patient are protected only at (k·ε, k·e^((k−1)·ε)·δ), which for ε = 8
+  and k = 2 already puts the δ term near 2·e^8·δ ≈ 6000·δ, and beyond any meaning for larger k.
 - **Unpredictable randomness**: the noise and the Poisson sampling of every round drew from {randomness}. No seed
   in the run configuration reaches them.
 - **Validation is not accounted**: metrics are computed on the site's own held-out split (made once by the site,
