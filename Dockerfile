@@ -5,7 +5,8 @@
 # Nothing secret is in the image: TLS certificates and site keys are mounted at /tls, the DICOM
 # folder read-only at /data, and /state (ledger, decode cache, FLWR_HOME) is a writable volume.
 #
-# CPU build by default; for a CUDA site:
+# CPU build by default; for a CUDA site (its entry point then trains on the first GPU the container
+# is given, FEDCARE_DEVICE=auto; run it with `docker run --gpus all ...`, see docs/deployment.md):
 #   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t fedcare:cuda .
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}

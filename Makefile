@@ -26,7 +26,7 @@ endif
 # Flower's connections and local SuperLink state stay inside the project, never in $HOME.
 export FLWR_HOME := $(CURDIR)/outputs/flwr-home
 
-.PHONY: setup demo demo-data deploy-local test test-fast bench bench-quick clean
+.PHONY: setup demo demo-data deploy-local test test-fast bench bench-quick bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -63,6 +63,10 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python benchmarks/run.py --quick
+
+# On a site's GPU machine: plain and DP-SGD epochs of each preset on its CPU and its GPU (bench_gpu.py).
+bench-gpu: setup
+	$(BIN)/python benchmarks/bench_gpu.py
 
 clean:
 	rm -rf outputs

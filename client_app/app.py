@@ -21,6 +21,7 @@ from client_app.egress import egress_log
 from data_adapters import SiteDatasets, StoredSplit, segmentation_datasets, segmentation_volume_datasets, site_datasets
 from data_adapters.transforms import parse_patch_size
 from fedcare.config import RunConfig
+from fedcare.device import cpu_state, model_device, release, resolve_device
 from fedcare.egress import count_replies
 from fedcare.errors import SITE_ERROR_CODE, FedcareError, StateError, site_error_reason
 from fedcare.model import build_model, check_private_trainable
@@ -42,7 +43,7 @@ class Work:
 
     config: RunConfig
     site: Site
-    model: nn.Module
+    model: nn.Module  # on the site's device
     server_round: int
     run_id: str
 
@@ -51,9 +52,11 @@ def start(msg: Message, context: Context) -> Work:
     """Resolve the site, check its state folder and load the global model the server sent."""
     config = RunConfig.from_mapping(context.run_config)
     site = site_from_node_config(context.node_config, config)
+    device = resolve_device(site.device)
     open_state(site)
     model = build_model(config)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.to(device)
     reseed_global()  # nothing after this draws from a state the run's seed set
     return Work(config, site, model, int(msg.content["config"]["server-round"]), str(context.run_id))
 
@@ -98,16 +101,24 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local training, if the site's policy allows what the run asks."""
     try:
         work = start(msg, context)
-        refusal = work.site.policy.refusal(work.config)
-        if refusal:  # decided before any data is read
-            log.warning("%s round %d refused: %s", work.site.name, work.server_round, refusal)
-            return _privacy_reply(msg, work, {"status": "refused", "reason": refusal})
-        proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx only
-        with Ledger(work.site.ledger_path).hold() as ledger:
-            train_round = train_within_budget if work.config.dp else train_without_dp
-            return train_round(msg, work, ledger, site_data(work), proximal_mu)
+        try:
+            return train_round(msg, work)
+        finally:
+            release(model_device(work.model))
     except FedcareError as err:
         return _failure(msg, context, err)
+
+
+def train_round(msg: Message, work: Work) -> Message:
+    """Answer the request before reading any data; train a round the policy allows while holding the ledger."""
+    refusal = work.site.policy.refusal(work.config)
+    if refusal:
+        log.warning("%s round %d refused: %s", work.site.name, work.server_round, refusal)
+        return _privacy_reply(msg, work, {"status": "refused", "reason": refusal})
+    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx only
+    with Ledger(work.site.ledger_path).hold() as ledger:
+        train_within = train_within_budget if work.config.dp else train_without_dp
+        return train_within(msg, work, ledger, site_data(work), proximal_mu)
 
 
 def train_within_budget(msg: Message, work: Work, ledger: Ledger, data: SiteDatasets, proximal_mu: float) -> Message:
@@ -147,18 +158,26 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's validation split, within the site's evaluation quota."""
     try:
         work = start(msg, context)
-        quota = work.site.policy.evaluation_quota
-        if count_replies(work.site.egress_path, work.run_id, "evaluate") >= quota:
-            reason = f"this run has had the {quota} evaluations this site allows one run"
-            log.warning("%s round %d evaluation refused: %s", work.site.name, work.server_round, reason)
-            return Message(RecordDict({"refusal": ConfigRecord({"reason": reason}), "site": _site_record(work.site)}),
-                           reply_to=msg)
-        data = site_data(work)
-        metrics = evaluate_site(work, data)
-        metrics["num-examples"] = data.num_val
-        return Message(RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(work.site)}), reply_to=msg)
+        try:
+            return evaluate_within_quota(msg, work)
+        finally:
+            release(model_device(work.model))
     except FedcareError as err:
         return _failure(msg, context, err)
+
+
+def evaluate_within_quota(msg: Message, work: Work) -> Message:
+    """The validation metrics, unless this run has had all the evaluations the site allows."""
+    quota = work.site.policy.evaluation_quota
+    if count_replies(work.site.egress_path, work.run_id, "evaluate") >= quota:
+        reason = f"this run has had the {quota} evaluations this site allows one run"
+        log.warning("%s round %d evaluation refused: %s", work.site.name, work.server_round, reason)
+        return Message(RecordDict({"refusal": ConfigRecord({"reason": reason}), "site": _site_record(work.site)}),
+                       reply_to=msg)
+    data = site_data(work)
+    metrics = evaluate_site(work, data)
+    metrics["num-examples"] = data.num_val
+    return Message(RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(work.site)}), reply_to=msg)
 
 
 def evaluate_site(work: Work, data: SiteDatasets) -> dict[str, float]:
@@ -176,7 +195,7 @@ def _update(msg: Message, work: Work, data: SiteDatasets, privacy: dict) -> Mess
     # num-examples is the number of training samples: FedAvg weights each site's update by it. The
     # training loss is not sent: it is an exact function of private batches that no accountant covers.
     content = RecordDict({
-        "arrays": ArrayRecord(work.model.state_dict()),
+        "arrays": ArrayRecord(cpu_state(work.model)),
         "metrics": MetricRecord({"num-examples": data.num_train}),
         "privacy": ConfigRecord(privacy),
         "site": _site_record(work.site),

@@ -19,6 +19,7 @@ from monai.losses import DiceLoss
 from torch import nn
 from torch.utils.data import Dataset
 
+from fedcare.device import model_device
 from fedcare.errors import SiteDataError
 from fedcare.training import make_loader
 
@@ -91,8 +92,11 @@ def evaluate_segmentation(model: nn.Module, dataset: Dataset, batch_size: int,
     """Loss (`loss_fn`, the run's training loss) and lesion Dice over all the split's pixels, on a site's slices."""
     _require_validation(dataset)
     model.eval()
+    device = model_device(model)
+    loss_fn = loss_fn.to(device)
     total_loss, tally = 0.0, LesionTally()
     for images, masks in make_loader(dataset, batch_size, None, shuffle=False):
+        images, masks = images.to(device), masks.to(device)
         logits = model(images)
         total_loss += float(loss_fn(logits, masks)) * len(masks)
         tally.add(logits.argmax(dim=1), masks)
@@ -110,9 +114,11 @@ def evaluate_volumes(model: nn.Module, dataset: Dataset, patch_size: tuple[int, 
     """
     _require_validation(dataset)
     model.eval()
+    device = model_device(model)
+    loss_fn = loss_fn.to(device)
     losses, tally = [], LesionTally()
     for index in range(len(dataset)):  # one volume at a time: volumes differ in size
-        image, mask = dataset[index]
+        image, mask = (tensor.to(device) for tensor in dataset[index])
         logits = sliding_window_inference(image[None], roi_size=patch_size, sw_batch_size=batch_size,
                                           predictor=model, overlap=0.25, mode="gaussian")
         losses.append(float(loss_fn(logits, mask[None])))

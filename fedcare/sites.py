@@ -23,7 +23,7 @@ from fedcare.errors import ConfigError
 from fedcare.policy import POLICY_KEYS, SitePolicy
 
 DEFAULT_CACHE = "decode-cache"
-NODE_KEYS = ("site-name", "data-path", "state-path", "cache-dir", *POLICY_KEYS)
+NODE_KEYS = ("site-name", "data-path", "state-path", "cache-dir", "device", *POLICY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Site:
     state_path: Path
     policy: SitePolicy
     cache_dir: str = DEFAULT_CACHE  # under the state folder; "" keeps no decode cache
+    device: str = "auto"  # where it trains: auto, cpu, cuda or cuda:N (fedcare.device)
 
     @property
     def ledger_path(self) -> Path:
@@ -88,6 +89,7 @@ def site_from_settings(settings: Mapping[str, Any], source: str) -> Site:
         state_path=Path(str(settings["state-path"])),
         policy=SitePolicy.from_settings(settings, source),
         cache_dir=cache_dir,
+        device=str(settings.get("device", "auto")),
     )
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedcare.config import RunConfig
+from fedcare.device import model_device
 from fedcare.privacy.randomness import site_generator
 
 
@@ -75,11 +76,13 @@ def task_loss(config: RunConfig) -> nn.Module:
 def train_epochs(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, epochs: int,
                  loss_fn: nn.Module | None = None) -> float:
     """Run `epochs` passes over `loader`; returns the mean training loss per sample (cross-entropy by default)."""
-    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    device = model_device(model)
+    loss_fn = (loss_fn if loss_fn is not None else nn.CrossEntropyLoss()).to(device)
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
         for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             # Poisson sampling may draw an empty batch: it must still be a (noise-only) step, since
             # the accountant counts every step and skipping one would depend on the data.
             optimizer.zero_grad()
@@ -103,7 +106,7 @@ def noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
             if param.requires_grad:
-                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
     optimizer.step()
 
 
@@ -118,12 +121,13 @@ def train_plain(model: nn.Module, dataset: Dataset, config: RunConfig, proximal_
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int) -> dict[str, float]:
     """Loss, accuracy and ROC AUC of the model on a site's validation split."""
     model.eval()
+    device = model_device(model)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss, scores, targets = 0.0, [], []
     for images, labels in make_loader(dataset, batch_size, None, shuffle=False):
-        logits = model(images)
-        total_loss += float(loss_fn(logits, labels))
-        scores.append(torch.softmax(logits, dim=1)[:, 1].numpy())
+        logits = model(images.to(device))
+        total_loss += float(loss_fn(logits, labels.to(device)))
+        scores.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
         targets.append(labels.numpy())
     score = np.concatenate(scores)
     target = np.concatenate(targets)

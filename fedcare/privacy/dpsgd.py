@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedcare.config import RunConfig
+from fedcare.device import model_device
 from fedcare.model import grad_sample_mode
 from fedcare.privacy.accounting import default_delta, epsilon, epsilon_after, noise_multiplier_for
 from fedcare.privacy.ledger import Ledger, LedgerEntry, private_history
@@ -160,7 +161,8 @@ def private_training(
         module=model, optimizer=make_optimizer(model, config, proximal_mu),
         data_loader=make_loader(dataset, config.batch_size, site_generator(), shuffle=False),
         noise_multiplier=plan.record.noise_multiplier, max_grad_norm=plan.record.max_grad_norm,
-        poisson_sampling=True, grad_sample_mode=grad_sample_mode(config), noise_generator=site_generator(),
+        poisson_sampling=True, grad_sample_mode=grad_sample_mode(config),
+        noise_generator=site_generator(model_device(model)),  # the noise is drawn where the gradients are
     )
     return PrivateTraining(engine, private_model, optimizer, loader)
 
