@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_3d_sites_train_on_patches_privately_and_report_volume_dice(tmp_path):
     # epsilon 50 on 2 sites of 4 series: this test checks the mechanics, so the sites accept little noise
     write_demo_segmentation_sites(tmp_path / "data", sites=2, seed=3, cases=[40, 40],
-                                  policy={"min-noise-multiplier": 0.0})
+                                  budgets={"site-0": 100.0, "site-1": 100.0}, policy={"min-noise-multiplier": 0.0})
     settings = {
         "task": "segmentation", "model": "unet", "input-mode": "3d", "patch-size": "16 16 8",
         "num-server-rounds": 1, "local-epochs": 1, "batch-size": 2, "learning-rate": 0.05,

@@ -16,6 +16,8 @@ def train(msg: Message, context: Context) -> Message:
     if site == 3:
         raise RuntimeError("simulated disk failure while training")
     reply = site_train(msg, context)
+    if reply.has_error() or "arrays" not in reply.content:
+        return reply  # the site refused or failed by itself: nothing to corrupt
     arrays = reply.content["arrays"]
     name = next(iter(arrays.keys()))
     values = arrays[name].numpy()
