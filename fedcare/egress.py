@@ -61,6 +61,10 @@ def append_entry(log_path: Path, entry: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+# Set in a ClientApp's process by the site's gate (fedcare/deploy/gate.py), which writes each reply's
+# line itself: the bundle's own mod (client_app/egress.py) then stands down, so no line is written twice.
+EGRESS_BY_GATE = "FEDCARE_EGRESS_BY_GATE"
+
 THREE_D = "-3d"
 
 
