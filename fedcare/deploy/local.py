@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,13 +75,24 @@ class LocalFederation:
         return digest
 
     def start_site(self, name: str, data: Path, budget_epsilon: float = 50.0, tls: Path | None = None,
-                   log_name: str | None = None) -> subprocess.Popen:
-        """A site's SuperNode through the image's entry point, with its own key, data and state."""
+                   log_name: str | None = None, state: Path | None = None) -> subprocess.Popen:
+        """A site's SuperNode and gate through the image's entry point, with its own key, data and state;
+        `name` is the name it claims (its node config), whatever key `tls` holds."""
         log_name = log_name or name
         return self.processes.start(log_name, [self._entrypoint(), "site"], self._env(
             FEDCARE_TLS_DIR=tls or self.credentials / "sites" / name, FEDCARE_SUPERLINK=self.address,
-            FEDCARE_SITE_NAME=name, FEDCARE_DATA=data, FEDCARE_STATE=self.site_state(name),
+            FEDCARE_SITE_NAME=name, FEDCARE_DATA=data, FEDCARE_STATE=state or self.site_state(name),
             FEDCARE_BUDGET_EPSILON=budget_epsilon, FEDCARE_RUNTIME_PORT=free_port()), self.logs / f"{log_name}.log")
+
+    def wait_until_connected(self, log_names: Sequence[str], timeout: float = 120.0) -> None:
+        """Until each named site's SuperNode has been let in (it logs the node id the SuperLink gave it)."""
+        deadline = time.monotonic() + timeout
+        waiting = list(log_names)
+        while waiting and time.monotonic() < deadline:
+            waiting = [n for n in waiting if "SuperNode ID:" not in _text(self.logs / f"{n}.log")]
+            time.sleep(0.5)
+        if waiting:
+            raise FedcareError(f"{self.logs / (waiting[0] + '.log')}: the site did not connect within {timeout:.0f} s")
 
     def start_site_without_tls(self, name: str, data: Path) -> subprocess.Popen:
         """A SuperNode that skips TLS: the entry point refuses to start one, so call Flower directly."""
@@ -163,6 +175,13 @@ def run_local(root: Path, project: Path, sites: int = 2, rounds: int = 2, cases:
         folder = federation.run(rounds, {"min-sites": sites} | dict(settings or {}))
     check_run(folder, names, rounds)
     return folder
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _latest(outputs: Path) -> Path | None:
