@@ -14,8 +14,10 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 
 from fedcare.deploy.approvals import Approvals, app_digest
+from fedcare.deploy.credentials import make_site_key
 from fedcare.deploy.fleet_port import allowed
 from fedcare.deploy.gate import check_run_request, refusal
+from fedcare.deploy.identities import key_fingerprint, names_by_node, record_registrations
 from fedcare.errors import APP_REFUSED_CODE, FedcareError
 from server_app.history_check import check_histories
 from server_app.recording import RoundLog
@@ -151,9 +153,6 @@ def test_the_public_port_passes_only_the_fleet_api(path, ok):
 
 
 def test_register_records_the_node_id_of_each_key(tmp_path):
-    from fedcare.deploy.credentials import make_site_key
-    from fedcare.deploy.identities import key_fingerprint, names_by_node, record_registrations
-
     keys = {name: make_site_key(tmp_path / name) for name in ("a", "b")}
     registry = record_registrations(tmp_path / "site-registry.json", {"a": 11, "b": 12}, keys)
     record_registrations(registry, {"b": 13}, keys)  # b's key registered again: its new node id replaces the old
