@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
+from flwr.superlink.routers.control import router as control_router
+from flwr.superlink.routers.fleet.router import router as fleet_router
 
 from fedcare.deploy.approvals import Approvals, app_digest
 from fedcare.deploy.credentials import make_site_key
@@ -150,6 +152,14 @@ def test_a_history_that_shrinks_or_is_rewritten_is_flagged():
                                       ("/docs", False)])
 def test_the_public_port_passes_only_the_fleet_api(path, ok):
     assert allowed(path) is ok
+
+
+def test_the_flower_routes_the_fleet_port_relies_on_are_where_it_expects():
+    # Pinned flwr 1.42: the SuperNode uses only Fleet routes, all under /v1/fleet/; control and runtime
+    # routes (what a site must not reach) are elsewhere.
+    assert {route.path.split("/")[2] for route in fleet_router.routes} == {"fleet"}
+    assert all(route.path.startswith("/v1/control/") for route in control_router.routes)
+    assert all(not allowed(route.path) for route in control_router.routes)
 
 
 def test_register_records_the_node_id_of_each_key(tmp_path):

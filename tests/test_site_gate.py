@@ -110,7 +110,12 @@ def test_an_approved_app_trains_to_completion_at_every_site(gated):
     check_run(out["A"], SITES, 2)
     for site in SITES:
         assert sites_of(out["A"], 2)[site]["train_status"] == "ok"
-        assert f"runs approved app {out['digest']}" in (root / "logs" / f"{site}.log").read_text()
+        log = (root / "logs" / f"{site}.log").read_text()
+        # Every task of A (2 rounds, train and evaluate) and of B went through the gate, none through
+        # Flower's own flwr-clientapp.
+        assert log.count(f"runs approved app {out['digest']}") == 4
+        assert log.count(f"runs approved app {out['no_mod_digest']}") == 2
+        assert "Start `flwr-clientapp` process" not in log
 
 
 def test_a_node_claiming_another_sites_name_is_filed_under_its_registered_key(gated):

@@ -48,7 +48,8 @@ NOT_APPROVED = "app not approved by this site: digest {digest}"
 
 
 def check_run_request(run_config: dict[str, Any], node_config: dict[str, Any]) -> str | None:
-    """Why this site refuses the run's settings, or None. The site's privacy policy check plugs in here."""
+    """Why this site refuses the run's settings (the coordinator chooses them all), or None."""
+    # The site policy check (fedcare/policy.py: run config against the site's privacy policy) plugs in here.
     del run_config, node_config
     return None
 
