@@ -81,9 +81,10 @@ def gated(tmp_path_factory):
         for name in ("ledger.jsonl", "ledger.head.json"):  # the "backup" predates run A: no ledger yet
             (federation.site_state("site-1") / name).unlink()
         out["B"] = federation.run(1, settings, project=no_mod)
-        out["C"] = federation.run(1, settings, project=changed)
+        # C and D stop at round 1 (every site refuses): no need to follow their logs to the end.
+        out["C"] = federation.run(1, settings, project=changed, stream=False)
         out["revoked"] = [site_cli("revoke", out["digest"], state=federation.site_state(s)) for s in SITES]
-        out["D"] = federation.run(1, settings)
+        out["D"] = federation.run(1, settings, stream=False)
         out["control"] = control_attempts(root, federation)
     out["left_running"] = processes_mentioning(str(root))
     return root, out

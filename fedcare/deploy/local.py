@@ -105,17 +105,26 @@ class LocalFederation:
     def site_state(self, name: str) -> Path:
         return self.root / "sites" / name
 
-    def run(self, rounds: int, settings: Mapping[str, Any] | None = None, project: Path | None = None) -> Path:
-        """`flwr run <project> <connection> --stream` (default: this project); returns the run folder it published."""
+    def run(self, rounds: int, settings: Mapping[str, Any] | None = None, project: Path | None = None,
+            stream: bool = True, timeout: float = 600.0) -> Path:
+        """`flwr run <project> <connection> --stream` (default: this project); returns the run folder it published.
+
+        `stream=False` submits without following the logs and waits for the run folder instead: a run
+        the ServerApp stops (sites refused it) is published at once, but Flower's log stream only ends
+        when the SuperLink marks the run finished, about a minute later."""
         outputs = self.root / "runs"
         values = QUICK_RUN | dict(settings or {}) | {"num-server-rounds": rounds, "outputs-dir": str(outputs)}
         before = _latest(outputs)
         project = Path(project or self.project)
-        command = [str(Path(sys.executable).with_name("flwr")), "run", str(project), CONNECTION, "--stream",
+        command = [str(Path(sys.executable).with_name("flwr")), "run", str(project), CONNECTION,
+                   *(["--stream"] if stream else []),
                    "--run-config", " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())]
         with open(self.logs / "flwr-run.log", "ab") as log:
             status = subprocess.run(command, cwd=project, env=flwr_env(self.home), stdout=log,
                                     stderr=subprocess.STDOUT).returncode
+        deadline = time.monotonic() + (0 if stream else timeout)
+        while _latest(outputs) == before and time.monotonic() < deadline:
+            time.sleep(1.0)
         after = _latest(outputs)
         # `flwr run` exits 0 even when the run failed: the published run folder is the evidence.
         if after is None or after == before:
