@@ -15,7 +15,10 @@ SuperNode's Runtime API and starts this program instead of Flower's `flwr-client
 4. every reply, refusals included, gets its line in `<state>/egress.jsonl` before `push_message`.
 
 What the bundle cannot change: this module, the approvals file's path and the egress log's path
-come from the site's own command line, never from the run's config or the bundle.
+come from the site's own command line, never from the run's config or the bundle. And since this
+process has imported the `fedcare` package before the bundle goes on `sys.path`, every `fedcare.*`
+module an approved ClientApp imports (ledger, accounting, egress) is the site image's; the bundle
+supplies `client_app/` and `data_adapters/`.
 """
 
 from __future__ import annotations
