@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 GRACE_SECONDS = 10.0
 
@@ -45,8 +45,8 @@ def supervise(commands: Mapping[str, Sequence[str]], env: Mapping[str, str]) -> 
     return status
 
 
-def _stop(processes: object) -> None:
-    live = [p for p in processes if p.poll() is None]  # type: ignore[attr-defined]
+def _stop(processes: Iterable[subprocess.Popen]) -> None:
+    live = [p for p in processes if p.poll() is None]
     for process in live:
         process.terminate()
     deadline = time.monotonic() + GRACE_SECONDS
