@@ -143,3 +143,11 @@ def test_control_port_must_differ_from_the_fleet_port(credentials, tmp_path):
     with pytest.raises(FedcareError, match="FEDCARE_CONTROL_PORT=9092"):
         coordinator_commands({"FEDCARE_TLS_DIR": str(credentials / "coordinator"), "FEDCARE_HOST": "10.0.0.5",
                               "FEDCARE_STATE": str(tmp_path), "FEDCARE_CONTROL_PORT": "9092"})
+
+
+def test_a_roles_processes_end_together_with_the_first_ones_status(tmp_path):
+    # What the entry point does with a role's two processes: one exits, the other is stopped.
+    done = subprocess.run([sys.executable, "-c", "import os, sys; from fedcare.deploy.supervise import supervise; "
+                           "sys.exit(supervise({'long': ['sleep', '60'], 'short': ['sh', '-c', 'exit 3']}, "
+                           "os.environ))"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3 and "short exited with status 3" in done.stderr
