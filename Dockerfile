@@ -1,6 +1,6 @@
 # One image for every hospital site and for the coordinator; FEDCARE_ROLE picks which:
 #   docker run -e FEDCARE_ROLE=coordinator ...   (SuperLink; it starts the ServerApp's process itself)
-#   docker run -e FEDCARE_ROLE=site ...          (SuperNode of one hospital; the default)
+#   docker run -e FEDCARE_ROLE=site ...          (SuperNode of one hospital and its app gate; the default)
 # An environment variable, not the command, so that the HEALTHCHECK knows the role too.
 # Nothing secret is in the image: TLS certificates and site keys are mounted at /tls, the DICOM
 # folder read-only at /data, and /state (ledger, decode cache, FLWR_HOME) is a writable volume.
@@ -45,7 +45,8 @@ RUN useradd --uid 10001 --create-home --home-dir /home/fedcare fedcare \
 USER 10001:10001
 VOLUME ["/state"]
 
-# Sites connect out to this one port of the coordinator; a site exposes nothing.
+# Sites connect out to this one port of the coordinator (the Fleet API only); a site exposes
+# nothing. The coordinator's control port (9093) stays on its loopback and is not exposed.
 EXPOSE 9092
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

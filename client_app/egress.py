@@ -1,22 +1,27 @@
 """A ClientApp mod that writes every reply this site sends into the site's own egress log.
 
 It sits between Flower and the site's handlers, so no reply can leave without its line, and the
-line is on disk before Flower sends the reply.
+line is on disk before Flower sends the reply. In simulation it is the only writer; in deployment
+the site's gate (fedcare/deploy/gate.py), outside the bundle, writes every line and this mod stands down.
 """
 
 from __future__ import annotations
+
+import os
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedcare.config import RunConfig
-from fedcare.egress import append_entry, network_name, reply_entry
+from fedcare.egress import EGRESS_BY_GATE, append_entry, network_name, reply_entry
 from fedcare.errors import FedcareError
 from fedcare.sites import site_from_node_config
 
 
 def egress_log(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     reply = call_next(msg, context)
+    if os.environ.get(EGRESS_BY_GATE):
+        return reply  # the site's gate logs this reply; a second line would double-count it
     try:
         config = RunConfig.from_mapping(context.run_config)
         site = site_from_node_config(context.node_config, config)

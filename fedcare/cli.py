@@ -176,6 +176,12 @@ cache_app = typer.Typer(no_args_is_help=True, help="The site's decode cache.")
 cache_app.command("clear")(cache_clear_command)
 app.add_typer(cache_app, name="cache")
 
+# Which app bundles a site runs: their digest, and the site's approvals (fedcare/deploy/site_cli.py).
+from fedcare.deploy.site_cli import app_app, site_app  # noqa: E402
+
+app.add_typer(app_app, name="app")
+app.add_typer(site_app, name="site")
+
 # Deployment: credentials, key registration and the loopback federation (fedcare/deploy/).
 deploy_app = typer.Typer(no_args_is_help=True, help="Deploy across hospitals: credentials, site keys, a loopback run.")
 app.add_typer(deploy_app, name="deploy")
@@ -199,19 +205,23 @@ def deploy_init(
 
 @deploy_app.command("register")
 def deploy_register(
-    superlink: str = typer.Option(..., help="The coordinator's HOST:PORT, as the sites reach it."),
+    superlink: str = typer.Option(..., help="The coordinator's control HOST:PORT (its FEDCARE_CONTROL_PORT, 9093)."),
     credentials: Path = typer.Option(..., help="The folder `fedcare deploy init` wrote."),
     site: Optional[list[str]] = typer.Option(None, help="Register only these sites (repeat); default all."),
     flwr_home: Optional[Path] = typer.Option(None, help="FLWR_HOME for the connection; default <credentials>/flwr-home."),
 ) -> None:
-    """Register the sites' public keys with the coordinator's SuperLink."""
+    """Register the sites' public keys with the coordinator's SuperLink (its control port), and bind
+    each site's name to its key in the coordinator's site registry."""
+    from fedcare.deploy.identities import REGISTRY_FILE
     from fedcare.deploy.register import register_sites, site_keys
 
     coordinator = credentials / "coordinator"
     node_ids = register_sites(site_keys(credentials, site), superlink, coordinator / "ca.crt",
-                              flwr_home or credentials / "flwr-home", certificate=coordinator / "server.pem")
+                              flwr_home or credentials / "flwr-home", certificate=coordinator / "server.pem",
+                              registry=coordinator / REGISTRY_FILE)
     for name, node_id in node_ids.items():
         console.print(f"{name}: registered as node {node_id}")
+    console.print(f"site registry: {coordinator / REGISTRY_FILE} (the coordinator reads it from its /tls mount)")
 
 
 @deploy_app.command("local")

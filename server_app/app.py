@@ -21,6 +21,7 @@ from fedcare.model import build_model, check_private_trainable
 from fedcare.outputs import RunFolder, headline_metric, metrics_document, metrics_plot, summary_markdown
 from fedcare.privacy.report import write_privacy_report
 from server_app.checkpoint import Checkpoints
+from server_app.history_check import check_and_remember
 from server_app.privacy_summary import privacy_report_data
 from server_app.strategies import TooFewSites, make_strategy
 
@@ -74,11 +75,15 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     torch.save(checkpoints.arrays.to_torch_state_dict(), folder.path("global_model.pt"))
     if checkpoints.best_path.is_file():
         shutil.copyfile(checkpoints.best_path, folder.path("best_model.pt"))
+    flags = list(strategy.log.flags)
+    if strategy.log.registry is not None:  # deployment: registered sites, remembered across runs
+        flags += check_and_remember(Path(config.outputs_dir), strategy.log.privacy, run_id)
     document = metrics_document(config.to_dict(), strategy.log.rounds, strategy.log.seconds)
-    document.update(resumed_from_round=resumed_from, stopped=stopped)
+    document.update(resumed_from_round=resumed_from, stopped=stopped, flags=flags)
     folder.write_json("metrics.json", document)
     folder.path("metrics.png").write_bytes(metrics_plot(document))
-    write_privacy_report(folder.staging, privacy_report_data(strategy.log.privacy, strategy.log.rounds, run_id, config.dp))
+    write_privacy_report(folder.staging, privacy_report_data(strategy.log.privacy, strategy.log.rounds, run_id,
+                                                             config.dp) | {"flags": flags})
     notes = [
         f"Strategy: {config.strategy}; rounds {resumed_from + 1} to {config.num_server_rounds}"
         + (f" (resumed from the checkpoint at round {resumed_from})" if resumed_from else ""),
@@ -87,6 +92,7 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     ]
     if stopped:
         notes.append(f"STOPPED: {stopped}")
+    notes += [f"FLAG: {flag}" for flag in flags]
     if document["rounds"]:
         final = document["rounds"][-1]["aggregate"]
         name = {"auc": "AUC", "dice": "mean Dice"}.get(headline_metric(final) or "auc", "AUC")

@@ -1,7 +1,11 @@
-"""What happened at each site in each round: trained, refused (budget or policy), rejected, failed, or silent.
+"""What happened at each site in each round: trained, refused (budget, policy or app), rejected, failed, or silent.
 
 The log files every reply by site before the strategy aggregates (see `server_app.strategies`),
 so a refusal or a failure is recorded with its reason and never mistaken for an update.
+
+In deployment a site is the name registered with its node's key (`fedcare.deploy.identities`),
+never the name the node claims: a node that claims another name, or is in no registry, is flagged
+and its replies are rejected. In simulation (no registry) the partition's name is used.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Any, Iterable
 
 from flwr.app import Message
 
-from fedcare.errors import site_of_error
+from fedcare.errors import APP_REFUSED_CODE, site_of_error
 
 NO_REPLY = "no reply before the round timeout"
 
@@ -25,16 +29,48 @@ class RoundLog:
     names: dict[int, str] = field(default_factory=dict)
     expected: dict[tuple[int, str], list[Message]] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)  # wall time of each round, train and evaluate
+    registry: dict[int, str] | None = None  # node id -> registered site name; None: simulation
+    impostors: dict[str, str] = field(default_factory=dict)  # filed name -> why its replies are rejected
+    flags: list[str] = field(default_factory=list)  # what the run report must show, once each
 
     def site_of(self, msg: Message, sent_to: dict[str, int] | None = None) -> str:
         # The SuperLink answers for a site that went away with an error from itself; the message it
         # replies to tells which site that was.
         node = (sent_to or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        claimed = None
         if msg.has_content() and "site" in msg.content:
-            self.learn(node, str(msg.content["site"]["name"]))
-        elif msg.has_error() and site_of_error(msg.error.code, str(msg.error.reason)):
-            self.learn(node, site_of_error(msg.error.code, str(msg.error.reason)))
+            claimed = str(msg.content["site"]["name"])
+        elif msg.has_error():
+            claimed = site_of_error(msg.error.code, str(msg.error.reason))
+        if self.registry is not None:
+            return self.registered(node, claimed)
+        if claimed:
+            self.learn(node, claimed)
         return self.names.get(node, f"node {node}")
+
+    def registered(self, node: int, claimed: str | None) -> str:
+        """The registered name of `node`; flag it when it claims another or has none."""
+        name = self.registry.get(node) if self.registry is not None else None
+        if name is None:
+            name = f"node {node} (unregistered)"
+            self.flag_impostor(name, f"node {node} is in no site registry (it claims '{claimed}')")
+        elif claimed is not None and claimed != name:
+            self.flag_impostor(name, f"node {node}, registered as '{name}', claims to be '{claimed}'")
+        self.names[node] = name
+        return name
+
+    def name_of(self, node: int) -> str:
+        if self.registry is not None and node in self.registry:
+            return self.registry[node]
+        return self.names.get(node, f"node {node}")
+
+    def flag_impostor(self, name: str, reason: str) -> None:
+        self.impostors.setdefault(name, reason)
+        self.flag(f"identity: {reason}; its replies are rejected")
+
+    def flag(self, text: str) -> None:
+        if text not in self.flags:
+            self.flags.append(text)
 
     def learn(self, node: int, name: str) -> None:
         """Remember a node's site name, and file what it did before it told us under that name."""
@@ -55,8 +91,12 @@ class RoundLog:
             site = self.site_of(msg, sent_to)
             answered.add(sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
             entry = self.entry(server_round, site)
+            if site in self.impostors:
+                entry[f"{stage}_status"], entry[f"{stage}_error"] = "rejected", self.impostors[site]
+                continue
             if msg.has_error():
-                entry[f"{stage}_status"] = "failed"
+                # A site's gate refusing the app is the site's decision, not a failure.
+                entry[f"{stage}_status"] = "refused" if msg.error.code == APP_REFUSED_CODE else "failed"
                 entry[f"{stage}_error"] = str(msg.error.reason)
                 continue
             if "privacy" in msg.content:
@@ -76,7 +116,7 @@ class RoundLog:
             usable.append(msg)
         for node in (m.metadata.dst_node_id for m in expected):
             if node not in answered:
-                entry = self.entry(server_round, self.names.get(node, f"node {node}"))
+                entry = self.entry(server_round, self.name_of(node))
                 entry[f"{stage}_status"], entry[f"{stage}_error"] = "failed", NO_REPLY
         return usable
 

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from fedcare.config import RunConfig
+from fedcare.deploy.identities import names_by_node
 from fedcare.errors import FedcareError
 from server_app.recording import RoundLog
 from server_app.validation import screen_updates
@@ -56,7 +57,8 @@ def guarded(strategy_class: type) -> type:
         def __init__(self, *args: Any, min_sites: int = 1, max_update_norm_ratio: float = 10.0,
                      **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.log = RoundLog()
+            # Deployment: sites are who their keys were registered as (FEDCARE_SITE_REGISTRY).
+            self.log = RoundLog(registry=names_by_node())
             self.round_offset = 0
             self.min_sites = min_sites
             self.max_update_norm_ratio = max_update_norm_ratio

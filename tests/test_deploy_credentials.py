@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcare.deploy.credentials import certificate_hosts, check_coordinator, make_credentials
-from fedcare.deploy.entrypoint import coordinator_command, site_command
+from fedcare.deploy.entrypoint import coordinator_command, coordinator_commands, site_command, site_commands
 from fedcare.errors import FedcareError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,8 @@ def credentials(tmp_path_factory):
 
 def test_init_writes_ca_coordinator_certificate_and_one_p384_key_pair_per_site(credentials):
     cert = x509.load_pem_x509_certificate((credentials / "coordinator" / "server.pem").read_bytes())
-    assert certificate_hosts(cert) == {"coordinator.example", "10.0.0.5"}
+    # 127.0.0.1 too: the coordinator's Fleet port reaches its SuperLink on loopback and verifies it there.
+    assert certificate_hosts(cert) == {"coordinator.example", "10.0.0.5", "127.0.0.1"}
     check_coordinator(credentials / "ca" / "ca.crt", credentials / "coordinator" / "server.pem",
                       credentials / "coordinator" / "server.key", "coordinator.example")
     for site in ("site-0", "site-1"):
@@ -115,13 +116,28 @@ def test_entrypoint_builds_the_flower_commands_with_tls_auth_and_node_config(cre
     assert Path(coordinator[0]).name == "flower-superlink"
     for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--ssl-certfile"):
         assert flag in coordinator
-    assert "--insecure" not in coordinator and coordinator[coordinator.index("--port") + 1] == "9092"
+    assert "--insecure" not in coordinator and coordinator[coordinator.index("--port") + 1] == "9093"
+    # Flower's one HTTP port carries the control API: the SuperLink listens on loopback only, and the
+    # public port 9092 is the Fleet-only front.
+    assert coordinator[coordinator.index("--host") + 1] == "127.0.0.1"
+    both = coordinator_commands({"FEDCARE_TLS_DIR": str(credentials / "coordinator"), "FEDCARE_HOST": "10.0.0.5",
+                                 "FEDCARE_STATE": str(tmp_path / "c")})
+    fleet = both["fleet-port"]
+    assert "fedcare.deploy.fleet_port" in fleet and fleet[fleet.index("--port") + 1] == "9092"
+    assert fleet[fleet.index("--upstream") + 1] == "127.0.0.1:9093"
     site = site_command({"FEDCARE_TLS_DIR": str(credentials / "sites" / "site-1"), "FEDCARE_STATE": str(tmp_path / "s"),
                          "FEDCARE_SUPERLINK": "coordinator.example:9092", "FEDCARE_SITE_NAME": "st-olav",
                          "FEDCARE_DATA": str(tmp_path), "FEDCARE_BUDGET_EPSILON": "8"})
     assert Path(site[0]).name == "flower-supernode" and "--insecure" not in site
+    assert site[site.index("--isolation") + 1] == "process"  # no ClientApp runs but through the gate
     assert site[site.index("--node-config") + 1] == (f'site-name="st-olav" data-path="{tmp_path}" '
                                                      f'state-path="{(tmp_path / "s").resolve()}" budget-epsilon=8.0')
+    executor = site_commands({"FEDCARE_TLS_DIR": str(credentials / "sites" / "site-1"),
+                              "FEDCARE_STATE": str(tmp_path / "s"), "FEDCARE_SUPERLINK": "coordinator.example:9092",
+                              "FEDCARE_SITE_NAME": "st-olav", "FEDCARE_DATA": str(tmp_path),
+                              "FEDCARE_BUDGET_EPSILON": "8"})["site-exec"]
+    assert "fedcare.deploy.site_exec" in executor
+    assert executor[executor.index("--runtime-api-address") + 1] == "127.0.0.1:9094"
 
 
 def test_a_site_without_a_budget_does_not_start_and_says_so_in_one_line(credentials, tmp_path):
@@ -135,3 +151,17 @@ def test_a_site_without_a_budget_does_not_start_and_says_so_in_one_line(credenti
     policy = site_command({**env, "FEDCARE_BUDGET_EPSILON": "8", "FEDCARE_DP_REQUIRED": "true",
                            "FEDCARE_EVALUATION_QUOTA": "20"})
     assert "dp-required=true evaluation-quota=20" in policy[policy.index("--node-config") + 1]
+
+
+def test_control_port_must_differ_from_the_fleet_port(credentials, tmp_path):
+    with pytest.raises(FedcareError, match="FEDCARE_CONTROL_PORT=9092"):
+        coordinator_commands({"FEDCARE_TLS_DIR": str(credentials / "coordinator"), "FEDCARE_HOST": "10.0.0.5",
+                              "FEDCARE_STATE": str(tmp_path), "FEDCARE_CONTROL_PORT": "9092"})
+
+
+def test_a_roles_processes_end_together_with_the_first_ones_status(tmp_path):
+    # What the entry point does with a role's two processes: one exits, the other is stopped.
+    done = subprocess.run([sys.executable, "-c", "import os, sys; from fedcare.deploy.supervise import supervise; "
+                           "sys.exit(supervise({'long': ['sleep', '60'], 'short': ['sh', '-c', 'exit 3']}, "
+                           "os.environ))"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 3 and "short exited with status 3" in done.stderr

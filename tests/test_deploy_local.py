@@ -19,27 +19,11 @@ from fedcare.deploy.local import LocalFederation, check_run
 from fedcare.deploy.credentials import make_site_key
 from fedcare.processes import TAG
 from fedcare.privacy.ledger import Ledger
+from tests.deploy_helpers import processes_mentioning
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ["site-0", "site-1"]
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Live processes whose command line or environment mentions `text` (our folders are unique)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if "Z" in (entry / "stat").read_text().rsplit(")", 1)[1].split()[:1]:
-                continue
-            blob = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if text.encode() in blob and int(entry.name) != __import__("os").getpid():
-            found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-    return found
 
 
 def test_make_deploy_local_runs_two_sites_for_two_rounds_and_leaves_nothing_running(tmp_path):
@@ -72,6 +56,7 @@ def hardened(tmp_path_factory):
         federation.start_coordinator()
         outcome["node_ids"] = federation.register(SITES)
         for site in SITES:
+            federation.approve(site)
             federation.start_site(site, root / "data" / site)
         federation.start_site("intruder", root / "data" / "site-0", tls=root / "unregistered")
         federation.start_site_without_tls("no-tls", root / "data" / "site-1")

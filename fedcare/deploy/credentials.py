@@ -29,6 +29,7 @@ from fedcare.errors import FedcareError
 
 CURVE = ec.SECP384R1
 VALID_DAYS = 825  # the longest lifetime common TLS clients still accept for a server certificate
+LOOPBACK = "127.0.0.1"
 
 
 def make_credentials(out: Path, sites: Sequence[str], hosts: Sequence[str], *, overwrite: bool = False) -> Path:
@@ -39,6 +40,8 @@ def make_credentials(out: Path, sites: Sequence[str], hosts: Sequence[str], *, o
                            "every credential in this folder, or add sites with a new --out")
     if not hosts:
         raise FedcareError("give at least one --host: the name or address sites use to reach the coordinator")
+    # The coordinator's own Fleet port reaches its SuperLink on loopback and checks this certificate there.
+    hosts = list(hosts) + [LOOPBACK] * (LOOPBACK not in hosts)
     if len(set(sites)) != len(sites) or any(not _safe_name(name) for name in sites):
         raise FedcareError(f"site names {list(sites)} must be unique and use only letters, digits, '-' and '_'")
     ca_key = ec.generate_private_key(CURVE())

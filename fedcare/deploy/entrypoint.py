@@ -3,19 +3,33 @@
 Settings come from environment variables, so one image serves every hospital and the coordinator;
 keys and certificates come from mounted files. Every file is checked here first, so a wrong mount
 ends in one line naming it rather than in Flower's traceback or an endless reconnect loop; then
-the process replaces itself with the real `flower-superlink` or `flower-supernode`.
+the role's processes start together (`fedcare.deploy.supervise`):
+
+- coordinator: `flower-superlink` on the operator's address only (loopback by default), whose one
+  HTTP port serves Flower's Control, Runtime and Fleet APIs alike, and `fedcare-fleet-port` on the
+  public port, which passes on only the Fleet API the sites need (`fedcare.deploy.fleet_port`);
+- site: `flower-supernode --isolation process`, which runs no ClientApp itself, and
+  `fedcare-site-exec`, which runs each ClientApp task through the site's gate: only app bundles
+  whose digest the site approved run, and the gate writes the egress log (`fedcare.deploy.gate`).
 
     FEDCARE_TLS_DIR          folder with ca.crt and server.pem/server.key (coordinator) or site.key (site)
-    FEDCARE_STATE            writable folder: ledger, cache, FLWR_HOME, the coordinator's database
-    FEDCARE_PORT             the coordinator's one port (default 9092), the only one sites connect to
+    FEDCARE_STATE            writable folder: ledger, approvals, egress log, FLWR_HOME, the coordinator's database
+    FEDCARE_PORT             coordinator: the public Fleet port (default 9092), the only one sites connect to
     FEDCARE_HOST             coordinator: the name sites use for it; must be in its certificate
-    FEDCARE_LISTEN           coordinator: the address to listen on (default 0.0.0.0)
+    FEDCARE_LISTEN           coordinator: the address of the public Fleet port (default 0.0.0.0)
+    FEDCARE_CONTROL_LISTEN   coordinator: the address of the SuperLink's own port with the control API
+                             (default 127.0.0.1; the operator's network only, never the sites')
+    FEDCARE_CONTROL_PORT     coordinator: that port (default 9093)
     FEDCARE_SUPERLINK        site: HOST:PORT of the coordinator
     FEDCARE_SITE_NAME, FEDCARE_DATA (default /data)
     FEDCARE_BUDGET_EPSILON   site: its lifetime epsilon budget; a site does not start without one
     FEDCARE_<KEY>            site: the rest of its privacy policy (fedcare/policy.py), e.g. FEDCARE_BUDGET_DELTA,
                              FEDCARE_MIN_NOISE_MULTIPLIER, FEDCARE_MAX_RUN_EPSILON, FEDCARE_EVALUATION_QUOTA
     FEDCARE_RUNTIME_PORT     site: loopback port of the SuperNode's own runtime API (default 9094)
+
+The coordinator's ServerApp files every reply under the site name registered with the replying
+node's key: `fedcare deploy register` writes `site-registry.json` beside the coordinator's
+certificate (FEDCARE_TLS_DIR), and this entry point hands its path on as FEDCARE_SITE_REGISTRY.
 """
 
 from __future__ import annotations
@@ -29,12 +43,16 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedcare.deploy.credentials import check_coordinator, check_site
+from fedcare.deploy.credentials import check_coordinator, check_host, check_site
+from fedcare.deploy.identities import REGISTRY_FILE, REGISTRY_VARIABLE
+from fedcare.deploy.supervise import supervise
 from fedcare.errors import FedcareError
 from fedcare.policy import POLICY_DEFAULTS, POLICY_KEYS, SitePolicy
 
 COORDINATOR_PORT = 9092
+CONTROL_PORT = 9093
 SITE_RUNTIME_PORT = 9094
+LOOPBACK = "127.0.0.1"
 
 
 def coordinator_command(env: Mapping[str, str]) -> list[str]:
@@ -51,8 +69,27 @@ def coordinator_command(env: Mapping[str, str]) -> list[str]:
         # The image already holds every dependency; a hospital network allows no `uv sync`.
         "--disable-runtime-dependency-installation",
         "--database", str(state / "superlink.db"),
-        "--host", _get(env, "FEDCARE_LISTEN", "0.0.0.0"), "--port", _port(env, "FEDCARE_PORT", COORDINATOR_PORT),
+        # Flower serves its control API on this port too: it stays off the sites' network.
+        "--host", _get(env, "FEDCARE_CONTROL_LISTEN", LOOPBACK),
+        "--port", _port(env, "FEDCARE_CONTROL_PORT", CONTROL_PORT),
     ]
+
+
+def coordinator_commands(env: Mapping[str, str]) -> dict[str, list[str]]:
+    """The coordinator's processes: the SuperLink, and the public port that serves only its Fleet API."""
+    superlink = coordinator_command(env)
+    tls = Path(_get(env, "FEDCARE_TLS_DIR", "/tls"))
+    control, public = _port(env, "FEDCARE_CONTROL_PORT", CONTROL_PORT), _port(env, "FEDCARE_PORT", COORDINATOR_PORT)
+    if control == public:
+        raise FedcareError(f"FEDCARE_CONTROL_PORT={control} is also FEDCARE_PORT: the control API needs a port "
+                           "of its own, off the sites' network")
+    control_host = _get(env, "FEDCARE_CONTROL_LISTEN", LOOPBACK)
+    upstream = LOOPBACK if control_host in ("0.0.0.0", "::") else control_host
+    check_host(tls / "server.pem", upstream)  # the Fleet port verifies the SuperLink's certificate
+    fleet = [sys.executable, "-m", "fedcare.deploy.fleet_port", "--listen", _get(env, "FEDCARE_LISTEN", "0.0.0.0"),
+             "--port", public, "--upstream", f"{upstream}:{control}", "--certfile", str(tls / "server.pem"),
+             "--keyfile", str(tls / "server.key"), "--ca", str(tls / "ca.crt")]
+    return {"superlink": superlink, "fleet-port": fleet}
 
 
 def site_command(env: Mapping[str, str]) -> list[str]:
@@ -76,8 +113,19 @@ def site_command(env: Mapping[str, str]) -> list[str]:
         "--superlink", superlink, "--root-certificates", str(tls / "ca.crt"),
         "--auth-supernode-private-key", str(tls / "site.key"),
         "--node-config", node_config,
-        "--port", _port(env, "FEDCARE_RUNTIME_PORT", SITE_RUNTIME_PORT),
+        # No ClientApp runs from the SuperNode: the site's executor runs each through the gate.
+        "--isolation", "process",
+        "--host", LOOPBACK, "--port", _port(env, "FEDCARE_RUNTIME_PORT", SITE_RUNTIME_PORT),
     ]
+
+
+def site_commands(env: Mapping[str, str]) -> dict[str, list[str]]:
+    """The site's processes: the SuperNode, and the executor that runs each ClientApp through the gate."""
+    supernode = site_command(env)
+    runtime = f"{LOOPBACK}:{_port(env, 'FEDCARE_RUNTIME_PORT', SITE_RUNTIME_PORT)}"
+    executor = [sys.executable, "-m", "fedcare.deploy.site_exec", "--runtime-api-address", runtime,
+                "--state", str(_state(env))]
+    return {"supernode": supernode, "site-exec": executor}
 
 
 def healthy(role: str, env: Mapping[str, str]) -> bool:
@@ -92,11 +140,13 @@ def healthy(role: str, env: Mapping[str, str]) -> bool:
 
 
 def process_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The environment Flower runs with: FLWR_HOME on the state volume, no network installs."""
+    """The environment Flower runs with: FLWR_HOME on the state volume, no network installs, and
+    (coordinator) where the ServerApp finds the registered sites."""
     home = _state(env) / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
+    registry = Path(_get(env, "FEDCARE_TLS_DIR", "/tls")) / REGISTRY_FILE
     # HOME too: Flower and its libraries write caches there, and the image's HOME is not the volume.
-    return dict(env) | {"FLWR_HOME": str(home), "HOME": str(home),
+    return dict(env) | {"FLWR_HOME": str(home), "HOME": str(home), REGISTRY_VARIABLE: str(registry.resolve()),
                         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
@@ -107,10 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         role = args[0] if args else os.environ.get("FEDCARE_ROLE", "")
         if role == "healthcheck":
             sys.exit(0 if healthy(args[1] if len(args) > 1 else os.environ.get("FEDCARE_ROLE", ""), os.environ) else 1)
-        builders = {"coordinator": coordinator_command, "site": site_command}
+        builders = {"coordinator": coordinator_commands, "site": site_commands}
         if role not in builders:
             raise FedcareError(f"role {role!r}: expected 'coordinator', 'site' or 'healthcheck ROLE'")
-        command = builders[role](os.environ)
+        commands = builders[role](os.environ)
         env = process_env(os.environ)
         # Relative paths of the run (the ServerApp's outputs-dir) land on the state volume.
         os.chdir(_state(os.environ))
@@ -118,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     sys.stdout.flush()
-    os.execve(command[0], command, env)
+    sys.exit(supervise(commands, env))
 
 
 def _state(env: Mapping[str, str]) -> Path:

@@ -1,8 +1,10 @@
 """A real deployment on loopback: what a hospital runs, minus the containers (`make deploy-local`).
 
-One `flower-superlink` with TLS and node authentication (the coordinator), the sites' keys
-registered with `flwr supernode register`, one `flower-supernode` per site with its key, TLS and
-its own node config and data folder, all started through the image's entry point; then
+One `flower-superlink` with TLS and node authentication (the coordinator) behind its Fleet-only
+public port, the sites' keys registered with `flwr supernode register` through the coordinator's
+own control port (and bound to their names in its site registry), one `flower-supernode` per site
+with its key, TLS, node config, data folder and gate, all started through the image's entry point;
+each site approves the project's app digest first, as its IT would; then
 `flwr run . <connection> --stream`, a check of the run folder and privacy report, and every
 process stopped, also on failure. Ports are free loopback ports, never Flower's defaults.
 """
@@ -14,11 +16,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedcare.deploy.approvals import Approvals, app_digest
 from fedcare.deploy.credentials import make_credentials
+from fedcare.deploy.identities import REGISTRY_FILE
 from fedcare.processes import Processes, free_port, wait_for_port
 from fedcare.deploy.register import CONNECTION, flwr_env, register_sites, site_keys
 from fedcare.errors import FedcareError
@@ -35,8 +40,9 @@ class LocalFederation:
     def __init__(self, root: Path, project: Path) -> None:
         self.root, self.project = Path(root).resolve(), Path(project).resolve()
         self.credentials, self.home, self.logs = self.root / "credentials", self.root / "flwr-home", self.root / "logs"
-        self.port = free_port()
-        self.address = f"{HOST}:{self.port}"
+        self.port, self.control_port = free_port(), free_port()
+        self.address = f"{HOST}:{self.port}"  # the public Fleet port, all a site may reach
+        self.control_address = f"127.0.0.1:{self.control_port}"  # the operator's, on loopback
         self.processes = Processes()
 
     def __enter__(self) -> "LocalFederation":
@@ -51,21 +57,42 @@ class LocalFederation:
     def start_coordinator(self) -> None:
         process = self.processes.start("coordinator", [self._entrypoint(), "coordinator"], self._env(
             FEDCARE_TLS_DIR=self.credentials / "coordinator", FEDCARE_HOST=HOST, FEDCARE_LISTEN="127.0.0.1",
-            FEDCARE_PORT=self.port, FEDCARE_STATE=self.root / "coordinator"), self.logs / "coordinator.log")
-        wait_for_port(self.port, process, self.logs / "coordinator.log")
+            FEDCARE_PORT=self.port, FEDCARE_CONTROL_PORT=self.control_port, FEDCARE_STATE=self.root / "coordinator"),
+            self.logs / "coordinator.log")
+        for port in (self.control_port, self.port):
+            wait_for_port(port, process, self.logs / "coordinator.log")
 
     def register(self, sites: Sequence[str]) -> dict[str, int]:
-        return register_sites(site_keys(self.credentials, list(sites)), self.address,
-                              self.credentials / "coordinator" / "ca.crt", self.home)
+        coordinator = self.credentials / "coordinator"
+        return register_sites(site_keys(self.credentials, list(sites)), self.control_address, coordinator / "ca.crt",
+                              self.home, registry=coordinator / REGISTRY_FILE)
+
+    def approve(self, name: str, project: Path | None = None, note: str = "deploy-local: the project as checked out"
+                ) -> str:
+        """What a site's IT does before a release may run there: approve its digest; returns it."""
+        digest = app_digest(project or self.project)
+        Approvals(self.site_state(name)).approve(digest, note, by="deploy-local")
+        return digest
 
     def start_site(self, name: str, data: Path, budget_epsilon: float = 50.0, tls: Path | None = None,
-                   log_name: str | None = None) -> subprocess.Popen:
-        """A site's SuperNode through the image's entry point, with its own key, data and state."""
+                   log_name: str | None = None, state: Path | None = None) -> subprocess.Popen:
+        """A site's SuperNode and gate through the image's entry point, with its own key, data and state;
+        `name` is the name it claims (its node config), whatever key `tls` holds."""
         log_name = log_name or name
         return self.processes.start(log_name, [self._entrypoint(), "site"], self._env(
             FEDCARE_TLS_DIR=tls or self.credentials / "sites" / name, FEDCARE_SUPERLINK=self.address,
-            FEDCARE_SITE_NAME=name, FEDCARE_DATA=data, FEDCARE_STATE=self.site_state(name),
+            FEDCARE_SITE_NAME=name, FEDCARE_DATA=data, FEDCARE_STATE=state or self.site_state(name),
             FEDCARE_BUDGET_EPSILON=budget_epsilon, FEDCARE_RUNTIME_PORT=free_port()), self.logs / f"{log_name}.log")
+
+    def wait_until_connected(self, log_names: Sequence[str], timeout: float = 120.0) -> None:
+        """Until each named site's SuperNode has been let in (it logs the node id the SuperLink gave it)."""
+        deadline = time.monotonic() + timeout
+        waiting = list(log_names)
+        while waiting and time.monotonic() < deadline:
+            waiting = [n for n in waiting if "SuperNode ID:" not in _text(self.logs / f"{n}.log")]
+            time.sleep(0.5)
+        if waiting:
+            raise FedcareError(f"{self.logs / (waiting[0] + '.log')}: the site did not connect within {timeout:.0f} s")
 
     def start_site_without_tls(self, name: str, data: Path) -> subprocess.Popen:
         """A SuperNode that skips TLS: the entry point refuses to start one, so call Flower directly."""
@@ -78,16 +105,26 @@ class LocalFederation:
     def site_state(self, name: str) -> Path:
         return self.root / "sites" / name
 
-    def run(self, rounds: int, settings: Mapping[str, Any] | None = None) -> Path:
-        """`flwr run . <connection> --stream`; returns the run folder it published."""
+    def run(self, rounds: int, settings: Mapping[str, Any] | None = None, project: Path | None = None,
+            stream: bool = True, timeout: float = 600.0) -> Path:
+        """`flwr run <project> <connection> --stream` (default: this project); returns the run folder it published.
+
+        `stream=False` submits without following the logs and waits for the run folder instead: a run
+        the ServerApp stops (sites refused it) is published at once, but Flower's log stream only ends
+        when the SuperLink marks the run finished, about a minute later."""
         outputs = self.root / "runs"
         values = QUICK_RUN | dict(settings or {}) | {"num-server-rounds": rounds, "outputs-dir": str(outputs)}
         before = _latest(outputs)
-        command = [str(Path(sys.executable).with_name("flwr")), "run", str(self.project), CONNECTION, "--stream",
+        project = Path(project or self.project)
+        command = [str(Path(sys.executable).with_name("flwr")), "run", str(project), CONNECTION,
+                   *(["--stream"] if stream else []),
                    "--run-config", " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())]
         with open(self.logs / "flwr-run.log", "ab") as log:
-            status = subprocess.run(command, cwd=self.project, env=flwr_env(self.home), stdout=log,
+            status = subprocess.run(command, cwd=project, env=flwr_env(self.home), stdout=log,
                                     stderr=subprocess.STDOUT).returncode
+        deadline = time.monotonic() + (0 if stream else timeout)
+        while _latest(outputs) == before and time.monotonic() < deadline:
+            time.sleep(1.0)
         after = _latest(outputs)
         # `flwr run` exits 0 even when the run failed: the published run folder is the evidence.
         if after is None or after == before:
@@ -142,10 +179,18 @@ def run_local(root: Path, project: Path, sites: int = 2, rounds: int = 2, cases:
         federation.start_coordinator()
         federation.register(names)
         for name in names:
+            federation.approve(name)
             federation.start_site(name, data / name)
         folder = federation.run(rounds, {"min-sites": sites} | dict(settings or {}))
     check_run(folder, names, rounds)
     return folder
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _latest(outputs: Path) -> Path | None:

@@ -2,7 +2,8 @@
 
 The `flwr` CLI reaches a SuperLink through a named connection in `$FLWR_HOME/config.toml`; we
 write one (address and the CA that signed the coordinator's certificate) into a FLWR_HOME of our
-own, never into the operator's `~/.flwr`.
+own, never into the operator's `~/.flwr`. The node id the SuperLink gives each key is recorded
+with the site's name in the coordinator's site registry (`fedcare.deploy.identities`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fedcare.deploy.credentials import check_host, check_public_key, load_certificate
+from fedcare.deploy.identities import record_registrations
 from fedcare.errors import FedcareError
 
 CONNECTION = "fedcare"
@@ -36,8 +38,9 @@ def flwr_env(home: Path) -> dict[str, str]:
 
 
 def register_sites(keys: Mapping[str, Path], address: str, ca: Path, home: Path,
-                   certificate: Path | None = None) -> dict[str, int]:
-    """Register each site's public key; returns the node id the SuperLink gave each site."""
+                   certificate: Path | None = None, registry: Path | None = None) -> dict[str, int]:
+    """Register each site's public key; returns the node id the SuperLink gave each site, and
+    records name, node id and key in `registry` (if given) as each one succeeds."""
     for key in keys.values():
         check_public_key(key)  # every key first: a typo in the last must not leave half the sites registered
     if certificate is not None:
@@ -49,6 +52,8 @@ def register_sites(keys: Mapping[str, Path], address: str, ca: Path, home: Path,
         done = subprocess.run([flwr, "supernode", "register", str(key), CONNECTION, "--name", site, "--format", "json"],
                               env=flwr_env(home), capture_output=True, text=True)
         node_ids[site] = _node_id(done, site, key, address)
+        if registry is not None:
+            record_registrations(registry, {site: node_ids[site]}, {site: key})
     return node_ids
 
 
