@@ -11,23 +11,25 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from client_app.egress import egress_log
+from client_app.guard import failed_reply, site_guard
 from data_adapters import SiteDatasets, segmentation_datasets, segmentation_volume_datasets, site_datasets
 from data_adapters.transforms import parse_patch_size
 from fedcare.config import RunConfig
-from fedcare.errors import SITE_ERROR_CODE, FedcareError, site_error_reason
 from fedcare.model import build_model, check_private_trainable
 from fedcare.privacy.dpsgd import plan_round, record_round, train_private
 from fedcare.privacy.ledger import Ledger
+from fedcare.readiness import SiteCounts, require_site_ready
 from fedcare.sites import Site, site_from_node_config
 from fedcare.segmentation import evaluate_segmentation, evaluate_volumes
 from fedcare.training import evaluate, task_loss, train_plain
 
-app = ClientApp(mods=[egress_log])
+# site_guard outermost: not even a failing mod can send an exception's text out of the site.
+app = ClientApp(mods=[site_guard, egress_log])
 log = logging.getLogger("fedcare.site")
 
 
@@ -49,7 +51,11 @@ def start(msg: Message, context: Context) -> Work:
     server_round = int(msg.content["config"]["server-round"])
     model = build_model(config)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return Work(config, site, site_data(config, site, server_round), model, server_round)
+    data = site_data(config, site, server_round)
+    # The same readiness rules as `fedcare check-site` and `fedcare run`: the site enforces them itself.
+    counts = SiteCounts(data.num_train, data.num_val, data.train_per_class, data.val_per_class)
+    require_site_ready(config, counts, site.budget_delta, site.name)
+    return Work(config, site, data, model, server_round)
 
 
 def seed_for_round(config: RunConfig, server_round: int) -> int:
@@ -71,7 +77,7 @@ def site_data(config: RunConfig, site: Site, server_round: int) -> SiteDatasets:
     return site_datasets(
         folder, config.val_fraction, config.seed, config.image_size, window=config.window,
         input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
-        data_format=config.data_format,
+        data_format=config.data_format, missing_images=config.missing_images,
         cache_dir=(site.state_path / config.cache_dir) if config.cache_dir else None,
     )
 
@@ -87,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
             loss = train_plain(work.model, work.data.train, work.config, seed, proximal_mu)
             return _reply(msg, work, loss, ConfigRecord({"dp": False}))
         return train_within_budget(msg, context, work, seed, proximal_mu)
-    except FedcareError as err:
+    except Exception as err:  # noqa: BLE001 - whatever it is, only its kind may leave the site
         return _failure(msg, context, err)
 
 
@@ -122,7 +128,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         metrics = evaluate_site(work)
         metrics["num-examples"] = work.data.num_val
         return Message(RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(work.site)}), reply_to=msg)
-    except FedcareError as err:
+    except Exception as err:  # noqa: BLE001 - whatever it is, only its kind may leave the site
         return _failure(msg, context, err)
 
 
@@ -161,7 +167,5 @@ def _history_lists(history: list[tuple[float, float, int]]) -> dict[str, list]:
     }
 
 
-def _failure(msg: Message, context: Context, err: FedcareError) -> Message:
-    name = context.node_config.get("site-name") or f"site-{context.node_config.get('partition-id', '?')}"
-    log.error("%s: %s", name, err)
-    return Message(Error(code=SITE_ERROR_CODE, reason=site_error_reason(name, err)), reply_to=msg)
+def _failure(msg: Message, context: Context, err: Exception) -> Message:
+    return failed_reply(msg, context, err)

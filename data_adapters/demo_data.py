@@ -23,10 +23,14 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from fedcare.errors import SiteDataError
 
+from .index import DEMO_MARKER
+
 __all__ = ["write_demo_sites", "DEFAULT_CASES"]
 
 DEFAULT_CASES = (120, 300, 600)
 _INSTANCES_PER_SERIES = 10
+_MARKER_TEXT = ("Written by `fedcare demo-data`: synthetic images, no patient data. `fedcare run --fresh-sites` "
+                "clears the state (privacy ledger) only of sites whose folder holds this file.\n")
 
 
 @dataclass(frozen=True)
@@ -267,6 +271,7 @@ def write_sites(
             fresh = staging / target.name
             fresh.mkdir()
             write_site(fresh, site, n_cases, seed, image_size)
+            (fresh / DEMO_MARKER).write_text(_MARKER_TEXT)
             if target.is_dir() and not target.is_symlink():
                 # Move the old copy aside first: a failure leaves the old or the new site, never a mix.
                 os.replace(target, staging / f"old-{target.name}")
