@@ -8,6 +8,7 @@ problem is one line holding the reason and the fix; printing is the commands' bu
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -54,6 +55,7 @@ def run_problems(config: RunConfig, sites: int | None = None) -> list[str]:
     return problems
 
 
+@functools.lru_cache(maxsize=8)  # a site asks once per request; the answer depends on the config alone
 def input_problem(config: RunConfig) -> str | None:
     """Whether the network takes inputs of the configured image-size; the smallest size it takes if not."""
     if config.task == "segmentation" and config.input_mode == "3d":
@@ -124,7 +126,8 @@ def _class_problems(config: RunConfig, counts: SiteCounts) -> list[str]:
 
 
 def require_site_ready(config: RunConfig, counts: SiteCounts, budget_delta: float, site: str) -> None:
-    """Stop the site before it trains when it is not ready, every reason in one line."""
-    problems = site_problems(config, counts, budget_delta)
+    """Stop the site before it trains when it or the run is not ready, every reason in one line."""
+    size = input_problem(config)
+    problems = ([size] if size else []) + site_problems(config, counts, budget_delta)
     if problems:
         raise SiteNotReady(f"{site} is not ready for this run: " + "; ".join(problems))

@@ -32,7 +32,9 @@ def request(kind: str, server_round: int = 1) -> Message:
 
 
 def context(data: Path, state: Path, budget: float = 50.0) -> Context:
-    node = {"site-name": "st-olav", "data-path": str(data), "state-path": str(state), "budget-epsilon": budget}
+    # A 40-case site: its own delta of 1e-3 keeps it within the readiness rules (1/(10 N) would be 3e-3).
+    node = {"site-name": "st-olav", "data-path": str(data), "state-path": str(state), "budget-epsilon": budget,
+            "budget-delta": 1e-3}
     return Context(run_id=11, node_id=5, node_config=node, state=RecordDict(), run_config=RUN)
 
 
