@@ -33,7 +33,7 @@ def failed_reply(msg: Message, context: Context, err: BaseException, name: str |
     if isinstance(err, FedcareError):
         log.error("%s: %s", name, err)
     else:
-        log.error("%s: unexpected %s while serving a %s request", name, type(err).__name__,
+        log.error("%s: unexpected %s while serving the server's %s request", name, type(err).__name__,
                   msg.metadata.message_type, exc_info=err)
     reason = site_error_reason(name, err, msg.metadata.message_type)
     return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
