@@ -23,14 +23,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from fedcare.errors import SiteDataError
 
-from .index import DEMO_MARKER
-
 __all__ = ["write_demo_sites", "DEFAULT_CASES"]
 
 DEFAULT_CASES = (120, 300, 600)
 _INSTANCES_PER_SERIES = 10
-_MARKER_TEXT = ("Written by `fedcare demo-data`: synthetic images, no patient data. `fedcare run --fresh-sites` "
-                "clears the state (privacy ledger) only of sites whose folder holds this file.\n")
+# Beside the site folders demo-data writes (never inside them, where it would be one more file of the
+# site): their names, one a line. `fedcare run --fresh-sites` clears the state of those sites only.
+DEMO_MARKER = ".fedcare-demo-sites"
 
 
 @dataclass(frozen=True)
@@ -271,13 +270,25 @@ def write_sites(
             fresh = staging / target.name
             fresh.mkdir()
             write_site(fresh, site, n_cases, seed, image_size)
-            (fresh / DEMO_MARKER).write_text(_MARKER_TEXT)
             if target.is_dir() and not target.is_symlink():
                 # Move the old copy aside first: a failure leaves the old or the new site, never a mix.
                 os.replace(target, staging / f"old-{target.name}")
             elif target.exists() or target.is_symlink():
                 target.unlink()
             os.replace(fresh, target)
+            _mark_demo_site(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return targets
+
+
+def _mark_demo_site(folder: Path) -> None:
+    marker = folder.parent / DEMO_MARKER
+    names = set(marker.read_text().split()) if marker.is_file() else set()
+    marker.write_text("".join(f"{name}\n" for name in sorted(names | {folder.name})))
+
+
+def is_demo_site(folder: Path) -> bool:
+    """Whether `fedcare demo-data` wrote this site folder (synthetic data, no patient in it)."""
+    marker = Path(folder).parent / DEMO_MARKER
+    return marker.is_file() and Path(folder).name in marker.read_text().split()

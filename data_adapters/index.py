@@ -23,13 +23,10 @@ from .cache import prepare_cache_dir
 from .decode import quiet
 from .headers import MEDIA_DIRECTORY, InstanceHeader, Unusable, read_header
 
-__all__ = ["SiteIndex", "index_site", "site_files", "DUPLICATE", "DEMO_MARKER", "SeriesKey"]
+__all__ = ["SiteIndex", "index_site", "site_files", "DUPLICATE", "SeriesKey"]
 
 DUPLICATE = "duplicate SOPInstanceUID (the same instance is stored twice)"
 _INDEX_VERSION = 1
-# The file `fedcare demo-data` leaves in each site folder it writes: synthetic data, whose state
-# `fedcare run --fresh-sites` may clear. It is not one of the site's images.
-DEMO_MARKER = ".fedcare-demo"
 
 SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
 
@@ -69,7 +66,7 @@ def site_files(folder: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
         dirs.sort()  # deterministic order, so the same folder gives the same split
         for name in sorted(files):
             path = Path(root, name)
-            if (skip and path.resolve() in skip) or (name == DEMO_MARKER and Path(root) == Path(folder)):
+            if skip and path.resolve() in skip:
                 continue
             found.append(path)
     return found

@@ -37,7 +37,6 @@ def demo_data(
 ) -> None:
     """Write real DICOM files and a labels.csv (or DICOM SEG masks) for each simulated hospital."""
     from data_adapters import write_demo_segmentation_sites, write_demo_sites
-    from data_adapters.index import DEMO_MARKER
     from data_adapters.labels import LABELS_FILENAME
 
     if task not in ("classification", "segmentation"):
@@ -48,7 +47,7 @@ def demo_data(
         folders = writer(out, sites=sites, seed=seed, cases=counts, overwrite=overwrite)
     table = Table("site", "folder", "DICOM files")
     for folder in folders:
-        images = sum(1 for p in folder.rglob("*") if p.is_file() and p.name not in (LABELS_FILENAME, DEMO_MARKER))
+        images = sum(1 for p in folder.rglob("*") if p.is_file() and p.name != LABELS_FILENAME)
         table.add_row(folder.name, str(folder), str(images))
     console.print(table)
 

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tomllib
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, Iterator
 
 import tomli_w
 
-from data_adapters.index import DEMO_MARKER
+from data_adapters.demo_data import is_demo_site
 from data_adapters.readiness import check_site
 from fedcare.config import RunConfig, parse_site_folders, read_preset
 from fedcare.errors import FedcareError
@@ -49,7 +50,7 @@ def resolve_config(project: Path, preset: Path | None, overrides: dict[str, Any]
     """The run's checked config, relative paths made absolute inside `project`; with its raw values."""
     project = project.resolve()
     # Flower silently drops keys it does not know from a --run-config file: check them here first.
-    values = (read_preset(preset) if preset else {}) | dict(overrides or {})
+    values = app_defaults(project) | (read_preset(preset) if preset else {}) | dict(overrides or {})
     config = RunConfig.from_mapping(values)
     # Relative paths mean "inside the project", wherever the SuperLink's processes happen to run.
     for key in PATH_KEYS:
@@ -60,6 +61,16 @@ def resolve_config(project: Path, preset: Path | None, overrides: dict[str, Any]
         values["site-folders"] = "; ".join(f"{name}={Path(folder) if Path(folder).is_absolute() else project / folder}"
                                            for name, folder in named)
     return RunConfig.from_mapping(values), values
+
+
+def app_defaults(project: Path) -> dict[str, Any]:
+    """The app's own run-config defaults (`[tool.flwr.app.config]`), which Flower starts from too."""
+    try:
+        with open(project / "pyproject.toml", "rb") as handle:
+            return dict(tomllib.load(handle).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise FedcareError(f"{project / 'pyproject.toml'}: cannot read the app's run config ({err}); "
+                           "point --project at the Flower app's folder") from None
 
 
 def preflight(config: RunConfig, sites: int) -> list[str]:
@@ -97,12 +108,12 @@ def clear_demo_state(config: RunConfig, sites: int) -> list[Path]:
     """Delete the state (privacy ledgers) of the simulated sites, only if every one is a demo site.
 
     A ledger is a site's lifetime record of privacy spent; only data `fedcare demo-data` wrote
-    (it leaves a marker in each site folder) is synthetic enough to start it over.
+    (it lists its sites in a marker beside their folders) is synthetic enough to start it over.
     """
     chosen = [(site_from_node_config({"partition-id": i}, config), folder)
               for i, (_, folder) in enumerate(simulated_sites(config, sites))]
     for site, folder in chosen:
-        if not (folder / DEMO_MARKER).is_file():
+        if not is_demo_site(folder):
             raise FedcareError(f"--fresh-sites: {site.name}'s folder {folder} was not written by `fedcare demo-data`, "
                                f"so its privacy ledger under {site.state_path} is kept; it is that data's lifetime "
                                "record: run without --fresh-sites (delete the state by hand only if you are sure)")

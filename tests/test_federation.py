@@ -29,12 +29,13 @@ def federation(tmp_path_factory):
         "num-server-rounds": 2, "local-epochs": 1, "batch-size": 16, "learning-rate": 0.003,
         "data-root": str(base / "data"), "sites-dir": str(base / "sites"), "outputs-dir": str(base / "out"),
         "target-epsilon": 4.0, "site-budget-epsilon": 50.0,
+        "target-delta": 1e-3,  # 32 and 48 training cases: 1/(10 N) would exceed the readiness rules' 1e-3
         "min-sites": 1,  # one site refuses or fails on purpose below; the other carries the round
     }
 
-    def run(**overrides):
+    def run(check=True, **overrides):
         values = settings | overrides
-        return run_simulation(ROOT, None, 2, overrides=values, flwr_home=base / "flwr-home"), values
+        return run_simulation(ROOT, None, 2, overrides=values, flwr_home=base / "flwr-home", check=check), values
 
     return base, run
 
@@ -125,7 +126,8 @@ def test_a_site_with_a_broken_manifest_fails_its_reply_by_name(federation, first
     data = tmp_path / "data"
     shutil.copytree(base / "data", data)
     (data / "site-1" / "labels.csv").write_text("SOPInstanceUID;label\n1.2.3;yes\n")
-    folder, _ = run(**{"data-root": str(data), "sites-dir": str(tmp_path / "sites"), "dp": False})
+    # The runner's readiness check would refuse site-1 before starting; here the site must refuse itself.
+    folder, _ = run(check=False, **{"data-root": str(data), "sites-dir": str(tmp_path / "sites"), "dp": False})
     metrics = read(folder, "metrics.json")
     for item in metrics["rounds"]:
         assert item["sites"]["site-0"]["train_status"] == "ok"

@@ -23,8 +23,9 @@ def data(tmp_path_factory):
 
 
 def settings(base: Path, data: Path, **overrides) -> dict:
+    # target-delta: 32 training cases a site, for which 1/(10 N) would exceed the readiness rules' 1e-3.
     return {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 16, "data-root": str(data),
-            "sites-dir": str(base / "sites"), "outputs-dir": str(base / "out")} | overrides
+            "sites-dir": str(base / "sites"), "outputs-dir": str(base / "out"), "target-delta": 1e-3} | overrides
 
 
 def metrics(folder: Path) -> dict:
@@ -69,8 +70,8 @@ def test_too_few_sites_stop_the_run_with_a_checkpoint_then_resume(data, tmp_path
     broken = tmp_path / "broken"
     write_demo_sites(broken, sites=2, seed=5, cases=[40, 40])
     (broken / "site-1" / "labels.csv").unlink()
-    with pytest.raises(FedcareError, match="stopped early"):
-        run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr",
+    with pytest.raises(FedcareError, match="stopped early"):  # check=False: the site, not the runner, refuses
+        run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr", check=False,
                        overrides=base | {"num-server-rounds": 5, "resume": True, "data-root": str(broken)})
     stopped = tmp_path / "out" / "latest"
     document = metrics(stopped)

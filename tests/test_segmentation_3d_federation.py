@@ -21,6 +21,7 @@ def test_3d_sites_train_on_patches_privately_and_report_volume_dice(tmp_path):
         "num-server-rounds": 1, "local-epochs": 1, "batch-size": 2, "learning-rate": 0.05,
         "data-root": str(tmp_path / "data"), "sites-dir": str(tmp_path / "sites"), "outputs-dir": str(tmp_path / "out"),
         "target-epsilon": 50.0, "site-budget-epsilon": 100.0,
+        "target-delta": 1e-3,  # 3 training series a site: 1/(10 N) would exceed the readiness rules' 1e-3
     }
     folder = run_simulation(ROOT, None, 2, overrides=settings, flwr_home=tmp_path / "flwr-home")
     metrics = json.loads((folder / "metrics.json").read_text())
