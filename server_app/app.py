@@ -21,6 +21,7 @@ from fedcare.model import build_model, check_private_trainable
 from fedcare.outputs import (RunFolder, failed_every_round, headline_metric, metrics_document, metrics_plot,
                              summary_markdown)
 from fedcare.privacy.report import write_privacy_report
+from fedcare.readiness import run_problems
 from server_app.checkpoint import Checkpoints
 from server_app.privacy_summary import privacy_report_data
 from server_app.strategies import TooFewSites, make_strategy
@@ -34,6 +35,10 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation up to `num-server-rounds` and publish the run folder."""
     try:
         config = RunConfig.from_mapping(context.run_config)
+        # The run-level readiness rules, so that a plain `flwr run` stops here too, not at every site.
+        problems = run_problems(config)
+        if problems:
+            raise FedcareError("; ".join(problems))
         model = build_model(config)
         if config.dp:
             check_private_trainable(model)  # once, before any site spends budget on it
