@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 import uuid
 from contextlib import contextmanager
@@ -127,7 +128,7 @@ def clear_demo_state(config: RunConfig, sites: int) -> list[Path]:
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """SIGTERM interrupts like Ctrl-C, so the caller's cleanup runs; cleanup itself is not interrupted."""
+    """SIGTERM interrupts like Ctrl-C, so that the caller's cleanup runs instead of the process dying."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach the main thread only
         return
@@ -192,26 +193,36 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
     }
     command = [str(Path(sys.executable).with_name("flwr")), "run", str(project), "local", "--stream", "--run-config", str(merged),
                "--federation-config", f"num-supernodes={sites}"]
-    before = _latest(outputs)
+    before, started = _latest(outputs), time.time()
     try:
         with stop_on_signals():
             status = subprocess.run(command, cwd=project, env=env).returncode
     finally:
         with uninterrupted():
             stop_tagged(tag)
-    after = _latest(outputs)
-    if status != 0 or after is None or after == before:
+    published = _latest(outputs)
+    published = published if published != before else None
+    # A run that completed no round keeps its folder but is not published as latest: find it anyway.
+    folder = published or _written_since(outputs, started)
+    if folder is not None:
+        document = json.loads((folder / "metrics.json").read_text())
+        if document.get("stopped"):
+            failures = [f"{f['site']}: {f['reason']}" for f in document["rounds"][-1]["failures"]] if document["rounds"] else []
+            cause = f" (first failure: {failures[0]})" if failures else ""
+            raise FedcareError(f"the run stopped early: {document['stopped']}{cause}; what it did is in {folder}")
+    if status != 0 or published is None:
         raise FedcareError(f"the federated run did not complete (flwr exit status {status}); the server's log is "
-                           f"{home / 'local-superlink' / 'superlink.log'}, a run that failed at its start keeps its "
-                           f"folder under {outputs} without becoming 'latest'")
-    document = json.loads((after / "metrics.json").read_text())
-    if document.get("stopped"):
-        failures = [f"{f['site']}: {f['reason']}" for f in document["rounds"][-1]["failures"]] if document["rounds"] else []
-        cause = f" (first failure: {failures[0]})" if failures else ""
-        raise FedcareError(f"the run stopped early: {document['stopped']}{cause}; what it did is in {after}")
-    return after
+                           f"{home / 'local-superlink' / 'superlink.log'}")
+    return published
 
 
 def _latest(outputs: Path) -> Path | None:
     link = outputs / "latest"
     return link.resolve() if link.is_symlink() else None
+
+
+def _written_since(outputs: Path, started: float) -> Path | None:
+    """The newest run folder the server wrote after `started`, published or not."""
+    written = [path for path in outputs.iterdir() if not path.name.startswith(".") and not path.is_symlink()
+               and (path / "metrics.json").is_file() and (path / "metrics.json").stat().st_mtime >= started]
+    return max(written, key=lambda path: (path / "metrics.json").stat().st_mtime, default=None)

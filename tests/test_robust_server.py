@@ -23,9 +23,8 @@ def data(tmp_path_factory):
 
 
 def settings(base: Path, data: Path, **overrides) -> dict:
-    # target-delta: 32 training cases a site, for which 1/(10 N) would exceed the readiness rules' 1e-3.
     return {"num-server-rounds": 2, "local-epochs": 1, "batch-size": 16, "data-root": str(data),
-            "sites-dir": str(base / "sites"), "outputs-dir": str(base / "out"), "target-delta": 1e-3} | overrides
+            "sites-dir": str(base / "sites"), "outputs-dir": str(base / "out")} | overrides
 
 
 def metrics(folder: Path) -> dict:
@@ -48,7 +47,8 @@ def test_bad_updates_are_rejected_and_the_run_completes(data, tmp_path):
 
 
 def test_too_few_sites_stop_the_run_with_a_checkpoint_then_resume(data, tmp_path):
-    base = settings(tmp_path, data, **{"num-server-rounds": 2, "dp": True, "target-epsilon": 6.0,
+    # target-delta: 32 training cases a site, for which 1/(10 N) would exceed the readiness rules' 1e-3.
+    base = settings(tmp_path, data, **{"num-server-rounds": 2, "dp": True, "target-epsilon": 6.0, "target-delta": 1e-3,
                                        "optimizer": "sgd", "learning-rate": 0.1})
     first = run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr", overrides=base)
     assert [r["round"] for r in metrics(first)["rounds"]] == [1, 2]
@@ -73,7 +73,10 @@ def test_too_few_sites_stop_the_run_with_a_checkpoint_then_resume(data, tmp_path
     with pytest.raises(FedcareError, match="stopped early"):  # check=False: the site, not the runner, refuses
         run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr", check=False,
                        overrides=base | {"num-server-rounds": 5, "resume": True, "data-root": str(broken)})
-    stopped = tmp_path / "out" / "latest"
+    # The stopped run completed no round of its own: its folder is kept, but latest is still the resumed run.
+    assert (tmp_path / "out" / "latest").resolve() == resumed
+    [stopped] = [p for p in (tmp_path / "out").iterdir() if p.name not in ("latest", "checkpoint", resumed.name,
+                                                                            first.name) and (p / "metrics.json").is_file()]
     document = metrics(stopped)
     assert "min-sites is 2" in document["stopped"]
     assert document["rounds"][-1]["sites"]["site-1"]["train_status"] == "failed"
