@@ -95,6 +95,7 @@ def show_report(report: dict[str, Any], console: Console) -> None:
         ("per class", ", ".join(f"{k}: {v}" for k, v in report["per_class"].items()) or "-"),
         ("smallest class", f"{smallest['label']} ({smallest['count']})" if smallest else "-"),
         ("unlabelled samples", report["unlabelled"]), ("training samples", report["num_train"]),
+        ("validation samples", report.get("num_val")),
     ]:
         overview.add_row(name, _fmt(value))
     console.print(overview)
