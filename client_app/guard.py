@@ -40,6 +40,7 @@ def failed_reply(msg: Message, context: Context, err: BaseException, name: str |
 
 
 def site_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The outermost mod: whatever raises below it, the server gets `failed_reply`, never the exception."""
     try:
         return call_next(msg, context)
     except Exception as err:  # noqa: BLE001 - any error at all: its text must not leave the site
