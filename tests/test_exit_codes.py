@@ -1,16 +1,17 @@
-"""Exit codes that mean something, through the real `fedcare` command: `audit` fails on any
-violation, and `run --fresh-sites` refuses to touch the ledger of a site `fedcare demo-data` did not
-write (and clears only demo sites)."""
+"""Exit codes that mean something, through the `fedcare` command's own entry point (in this process,
+as the installed script calls it): `audit` fails on any violation, and `run --fresh-sites` refuses
+to touch the ledger of a site `fedcare demo-data` did not write (and clears only demo sites)."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from data_adapters import write_demo_sites
+from fedcare.cli import main
 from fedcare.config import RunConfig
 from fedcare.egress import append_entry, reply_entry
 from fedcare.federation import clear_demo_state
@@ -20,30 +21,40 @@ from tests.test_client_app import request
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fedcare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedcare", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+@pytest.fixture
+def fedcare(monkeypatch, capsys):
+    """`fedcare ARGS...` -> (exit status, stdout, stderr)."""
+    monkeypatch.chdir(ROOT)
+
+    def command(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["fedcare", *args])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        out = capsys.readouterr()
+        return exited.value.code, out.out, out.err
+
+    return command
 
 
-def test_audit_exits_non_zero_on_a_violation(tmp_path):
+def test_audit_exits_non_zero_on_a_violation(tmp_path, fedcare):
     log = tmp_path / "egress.jsonl"
     weights = ArrayRecord(build_model(RunConfig()).state_dict())
     clean = Message(RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 32}),
                                 "site": ConfigRecord({"name": "h1"})}), reply_to=request("train"))
     append_entry(log, reply_entry(clean, 11, 1, "small-cnn"))
-    assert fedcare("audit", str(log)).returncode == 0
+    assert fedcare("audit", str(log))[0] == 0
 
     # A reply that sent a number nobody allowed: one violation is enough to fail the audit.
     leaky = Message(RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 32, "patient-age": 61.0}),
                                 "site": ConfigRecord({"name": "h1"})}), reply_to=request("train"))
     append_entry(log, reply_entry(leaky, 11, 2, "small-cnn"))
-    audited = fedcare("audit", str(log))
-    assert audited.returncode == 1 and "1 VIOLATION" in audited.stdout and "patient-age" in audited.stdout
+    status, out, _ = fedcare("audit", str(log))
+    assert status == 1 and "1 VIOLATION" in out and "patient-age" in out
     # Not an egress log at all: every line is a violation, and the exit says so.
-    assert fedcare("audit", str(ROOT / "README.md")).returncode == 1
+    assert fedcare("audit", str(ROOT / "README.md"))[0] == 1
 
 
-def test_fresh_sites_refuses_a_folder_demo_data_did_not_write(tmp_path):
+def test_fresh_sites_refuses_a_folder_demo_data_did_not_write(tmp_path, fedcare):
     own = tmp_path / "own-site"
     own.mkdir()
     (own / "labels.csv").write_text("SOPInstanceUID,label\n1.2.3,0\n")
@@ -52,9 +63,9 @@ def test_fresh_sites_refuses_a_folder_demo_data_did_not_write(tmp_path):
     ledger.write_text("{}\n")
     preset = tmp_path / "run.toml"
     preset.write_text(f'sites-dir = "{tmp_path / "sites"}"\noutputs-dir = "{tmp_path / "out"}"\n')
-    refused = fedcare("run", "--fresh-sites", "--site", f"own={own}", "--config", str(preset))
-    assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert "--fresh-sites" in refused.stderr and "was not written by `fedcare demo-data`" in refused.stderr
+    status, _, err = fedcare("run", "--fresh-sites", "--site", f"own={own}", "--config", str(preset))
+    assert status == 1 and "Traceback" not in err
+    assert "--fresh-sites" in err and "was not written by `fedcare demo-data`" in err
     assert ledger.read_text() == "{}\n" and not (tmp_path / "out").exists()  # nothing touched, nothing started
 
     [demo] = write_demo_sites(tmp_path / "demo", sites=1, cases=[4])
