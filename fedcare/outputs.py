@@ -109,7 +109,8 @@ def metrics_plot(document: dict[str, Any]) -> bytes:
     axes.set_ylim(0, 1.02)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="lower right")
+    if axes.get_legend_handles_labels()[0]:  # a run that evaluated nothing has no line to name
+        axes.legend(fontsize="small", loc="lower right")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()

@@ -4,14 +4,11 @@ to touch the ledger of a site `fedcare demo-data` did not write (and clears only
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from data_adapters import write_demo_sites
-from fedcare.cli import main
 from fedcare.config import RunConfig
 from fedcare.egress import append_entry, reply_entry
 from fedcare.federation import clear_demo_state
@@ -19,21 +16,6 @@ from fedcare.model import build_model
 from tests.test_client_app import request
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def fedcare(monkeypatch, capsys):
-    """`fedcare ARGS...` -> (exit status, stdout, stderr)."""
-    monkeypatch.chdir(ROOT)
-
-    def command(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["fedcare", *args])
-        with pytest.raises(SystemExit) as exited:
-            main()
-        out = capsys.readouterr()
-        return exited.value.code, out.out, out.err
-
-    return command
 
 
 def test_audit_exits_non_zero_on_a_violation(tmp_path, fedcare):

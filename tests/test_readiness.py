@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -78,7 +76,7 @@ def test_a_three_image_site_is_refused_by_check_site_the_run_and_the_site(tmp_pa
     assert "above 0.001" in delta and "label at least 100 training cases" in delta
 
 
-def test_image_size_seven_stops_check_config_and_the_run_in_one_line(demo, tmp_path):
+def test_image_size_seven_stops_check_config_and_the_run_in_one_line(demo, tmp_path, fedcare):
     [problem] = run_problems(RunConfig(image_size=7))
     assert "'image-size' = 7 is too small for the 'small-cnn' network" in problem
     assert problem.endswith("set image-size to 8 or more")
@@ -86,10 +84,9 @@ def test_image_size_seven_stops_check_config_and_the_run_in_one_line(demo, tmp_p
 
     preset = tmp_path / "small.toml"
     preset.write_text("image-size = 7\n")
-    check = subprocess.run([sys.executable, "-m", "fedcare", "check-config", str(preset)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-    assert check.returncode == 1 and "Traceback" not in check.stderr
-    assert len(check.stderr.strip().splitlines()) == 1 and "image-size" in check.stderr
+    status, _, err = fedcare("check-config", str(preset))
+    assert status == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "image-size" in err
 
     home = tmp_path / "flwr-home"
     with pytest.raises(NotReady) as stopped:
