@@ -117,7 +117,9 @@ def clear_demo_state(config: RunConfig, sites: int) -> list[Path]:
         if not is_demo_site(folder):
             raise FedcareError(f"--fresh-sites: {site.name}'s folder {folder} was not written by `fedcare demo-data`, "
                                f"so its privacy ledger under {site.state_path} is kept; it is that data's lifetime "
-                               "record: run without --fresh-sites (delete the state by hand only if you are sure)")
+                               "record: run without --fresh-sites (delete the state by hand only if you are sure; demo data "
+                               "written before demo-data marked its sites: write it again with `fedcare demo-data "
+                               "--overwrite`)")
     removed = []
     for site, _ in chosen:
         if site.state_path.exists():
