@@ -97,7 +97,8 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     if stopped:
         notes.append(f"STOPPED: {stopped}")
     notes += [f"FAILED EVERY ROUND: {site} ({reason})" for site, reason in failed.items()]
-    final = document["rounds"][-1]["aggregate"] if document["rounds"] else {}
+    # The last round that was evaluated: a run stopped mid-round has no figures for that round.
+    final = next((r["aggregate"] for r in reversed(document["rounds"]) if headline_metric(r["aggregate"])), {})
     metric = headline_metric(final)
     if metric:
         name = {"auc": "AUC", "dice": "mean Dice"}[metric]
