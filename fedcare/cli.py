@@ -131,6 +131,10 @@ def audit_site_log(log: Path) -> "Audit":
     from fedcare.egress import audit
 
     result = audit(log, _model_shapes())
+    if result.violations and not result.replies:
+        # Nothing in it reads as a reply: not a site's log, and no verdict file to leave beside it.
+        raise FedcareError(f"{log}: not an egress log ({len(result.violations)} line(s), none a reply entry); "
+                           "a site's log is <state folder>/egress.jsonl")
     (log.parent / "egress_audit.txt").write_text("\n".join([f"Egress audit of {log.name}"] + audit_lines(result)) + "\n")
     return result
 

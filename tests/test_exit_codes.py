@@ -32,8 +32,12 @@ def test_audit_exits_non_zero_on_a_violation(tmp_path, fedcare):
     append_entry(log, reply_entry(leaky, 11, 2, "small-cnn"))
     status, out, _ = fedcare("audit", str(log))
     assert status == 1 and "1 VIOLATION" in out and "patient-age" in out
-    # Not an egress log at all: every line is a violation, and the exit says so.
-    assert fedcare("audit", str(ROOT / "README.md"))[0] == 1
+    # Not an egress log at all: one line says so, the exit too, and no verdict file is left beside it.
+    readme = tmp_path / "docs" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text((ROOT / "README.md").read_text())
+    status, _, err = fedcare("audit", str(readme))
+    assert status == 1 and "not an egress log" in err and not (readme.parent / "egress_audit.txt").exists()
 
 
 def test_fresh_sites_refuses_a_folder_demo_data_did_not_write(tmp_path, fedcare):
