@@ -31,7 +31,7 @@ from fedcare.model import build_model, check_private_trainable  # noqa: E402
 from fedcare.privacy.dpsgd import plan_round, record_round, train_private  # noqa: E402
 from fedcare.privacy.ledger import Ledger  # noqa: E402
 from fedcare.privacy.units import private_units  # noqa: E402
-from fedcare.sites import Site, simulated_site  # noqa: E402
+from fedcare.sites import Site, site_in_folder  # noqa: E402
 from fedcare.training import evaluate, train_plain  # noqa: E402
 
 COMMAND = "python benchmarks/run.py --only framework-overhead"
@@ -105,7 +105,7 @@ def local_sites(config: RunConfig, data: Path, state: Path) -> list[Site]:
     """The simulated sites as the ClientApp resolves them, with fresh state under `state`."""
     shutil.rmtree(state, ignore_errors=True)
     names = sorted(p.name for p in data.glob("site-*"))
-    return [simulated_site(data / name, state) for name in names]
+    return [site_in_folder(data / name, state) for name in names]
 
 
 def run(quick: bool) -> list[dict]:

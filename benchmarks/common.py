@@ -227,8 +227,9 @@ def federation(name: str, data_root: Path, sites: int, settings: dict[str, Any])
     base = SCRATCH / "runs" / name
     shutil.rmtree(base, ignore_errors=True)  # fresh ledgers and egress logs: each run starts from zero
     home = base / "flwr-home"
-    values = settings | {"data-root": str(data_root), "sites-dir": str(base / "sites"),
-                         "outputs-dir": str(base / "out"), "min-sites": min(2, sites)}
+    values = settings | {
+        "data-root": str(data_root), "sites-dir": str(base / "sites"), "outputs-dir": str(base / "out"),
+        "min-sites": min(2, sites)}
     home.mkdir(parents=True)
     start = time.perf_counter()
     with PeakMemory(str(home.resolve())) as memory, _output_to(base / "flwr.log"):

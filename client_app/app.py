@@ -13,27 +13,30 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from client_app.egress import egress_log
+from client_app.guard import failed_reply, site_guard
 from data_adapters import SiteDatasets, StoredSplit, segmentation_datasets, segmentation_volume_datasets, site_datasets
 from data_adapters.transforms import parse_patch_size
 from fedcare.config import RunConfig
 from fedcare.device import cpu_state, model_device, release, resolve_device
 from fedcare.egress import count_replies
-from fedcare.errors import SITE_ERROR_CODE, FedcareError, StateError, site_error_reason
+from fedcare.errors import StateError
 from fedcare.model import build_model, check_private_trainable
 from fedcare.privacy.dpsgd import RoundPlan, plan_release_without_dp, plan_round, record_round, train_private
 from fedcare.privacy.ledger import Ledger, private_history
 from fedcare.privacy.randomness import reseed_global
 from fedcare.privacy.units import private_units
+from fedcare.readiness import SiteCounts, require_site_ready
 from fedcare.segmentation import evaluate_segmentation, evaluate_volumes
 from fedcare.sites import Site, site_from_node_config
 from fedcare.training import evaluate, task_loss, train_plain
 
-app = ClientApp(mods=[egress_log])
+# site_guard outermost: not even a failing mod can send an exception's text out of the site.
+app = ClientApp(mods=[site_guard, egress_log])
 log = logging.getLogger("fedcare.site")
 
 
@@ -78,6 +81,14 @@ def open_state(site: Site) -> None:
     ledger.initialise()
 
 
+def ready_data(work: Work) -> SiteDatasets:
+    """The site's datasets, once the same readiness rules as `fedcare check-site` and `fedcare run` pass."""
+    data = site_data(work)
+    counts = SiteCounts(data.num_train, data.num_val, data.train_per_class, data.val_per_class)
+    require_site_ready(work.config, counts, work.site.policy, work.site.name)
+    return data
+
+
 def site_data(work: Work) -> SiteDatasets:
     """The site's train/validation datasets for the run's task and input mode, on the site's own split."""
     config, site = work.config, work.site
@@ -93,6 +104,7 @@ def site_data(work: Work) -> SiteDatasets:
         site.data_path, split, config.image_size, window=config.window,
         input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
         data_format=config.data_format, cache_dir=site.cache_path, patient_key=site.policy.patient_key,
+        missing_images=config.missing_images,
     )
 
 
@@ -105,7 +117,7 @@ def train(msg: Message, context: Context) -> Message:
             return train_round(msg, work)
         finally:
             release(model_device(work.model))
-    except FedcareError as err:
+    except Exception as err:  # noqa: BLE001 - whatever it is, only its kind may leave the site
         return _failure(msg, context, err)
 
 
@@ -118,7 +130,7 @@ def train_round(msg: Message, work: Work) -> Message:
     proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx only
     with Ledger(work.site.ledger_path).hold() as ledger:
         train_within = train_within_budget if work.config.dp else train_without_dp
-        return train_within(msg, work, ledger, site_data(work), proximal_mu)
+        return train_within(msg, work, ledger, ready_data(work), proximal_mu)
 
 
 def train_within_budget(msg: Message, work: Work, ledger: Ledger, data: SiteDatasets, proximal_mu: float) -> Message:
@@ -162,7 +174,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             return evaluate_within_quota(msg, work)
         finally:
             release(model_device(work.model))
-    except FedcareError as err:
+    except Exception as err:  # noqa: BLE001 - whatever it is, only its kind may leave the site
         return _failure(msg, context, err)
 
 
@@ -174,7 +186,7 @@ def evaluate_within_quota(msg: Message, work: Work) -> Message:
         log.warning("%s round %d evaluation refused: %s", work.site.name, work.server_round, reason)
         return Message(RecordDict({"refusal": ConfigRecord({"reason": reason}), "site": _site_record(work.site)}),
                        reply_to=msg)
-    data = site_data(work)
+    data = ready_data(work)
     metrics = evaluate_site(work, data)
     metrics["num-examples"] = data.num_val
     return Message(RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(work.site)}), reply_to=msg)
@@ -221,7 +233,5 @@ def _history_lists(history: list[tuple[float, float, int]]) -> dict[str, list]:
     }
 
 
-def _failure(msg: Message, context: Context, err: FedcareError) -> Message:
-    name = context.node_config.get("site-name") or f"site-{context.node_config.get('partition-id', '?')}"
-    log.error("%s: %s", name, err)
-    return Message(Error(code=SITE_ERROR_CODE, reason=site_error_reason(name, err)), reply_to=msg)
+def _failure(msg: Message, context: Context, err: Exception) -> Message:
+    return failed_reply(msg, context, err)

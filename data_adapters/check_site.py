@@ -31,15 +31,22 @@ def check_site_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False,
                                           help="Run-config preset used for the privacy estimate, e.g. configs/demo.toml."),
     label_key: Optional[str] = typer.Option(None, "--label-key", help="Manifest key column (default: detected)."),
-    input_mode: str = typer.Option("2d", "--input-mode", click_type=click.Choice(["2d", "3d"]),
-                                   help="2d: each image or frame is a sample; 3d: each series is a volume."),
-    irregular: str = typer.Option("exclude", "--irregular-series", click_type=click.Choice(["exclude", "resample"]),
-                                  help="3d: what to do with series of irregular geometry."),
-    window: str = typer.Option("soft-tissue", "--window", help="Intensity window: a preset, 'minmax' or 'low,high'."),
+    input_mode: Optional[str] = typer.Option(None, "--input-mode", click_type=click.Choice(["2d", "3d"]),
+                                             help="2d: each image or frame is a sample; 3d: each series is a volume "
+                                             "(default: the run config's)."),
+    irregular: Optional[str] = typer.Option(None, "--irregular-series", click_type=click.Choice(["exclude", "resample"]),
+                                            help="3d: what to do with series of irregular geometry (default: the run "
+                                            "config's)."),
+    window: Optional[str] = typer.Option(None, "--window", help="Intensity window: a preset, 'minmax' or 'low,high' "
+                                         "(default: the run config's)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Fill this decode cache while checking."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
-    """Check that a site's folder is ready to join: images, labels, de-identification, privacy cost."""
+    """Check that a site's folder is ready to join: images, labels, de-identification, privacy cost.
+
+    Ready means the readiness rules of the run (fedcare.readiness) hold: the same rules `fedcare run`
+    applies before it starts and the site's ClientApp applies before it trains.
+    """
     from fedcare.config import RunConfig, load_preset
 
     from .readiness import check_site
@@ -88,6 +95,7 @@ def show_report(report: dict[str, Any], console: Console) -> None:
         ("per class", ", ".join(f"{k}: {v}" for k, v in report["per_class"].items()) or "-"),
         ("smallest class", f"{smallest['label']} ({smallest['count']})" if smallest else "-"),
         ("unlabelled samples", report["unlabelled"]), ("training samples", report["num_train"]),
+        ("validation samples", report.get("num_val")),
     ]:
         overview.add_row(name, _fmt(value))
     console.print(overview)

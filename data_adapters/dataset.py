@@ -26,7 +26,7 @@ from .nifti import load_nifti_site, nifti_manifest
 from .split import SeededSplit, Split, split_indices
 from .transforms import Preprocess, Window
 
-__all__ = ["SiteDatasets", "cached_site_images", "image_transform", "site_datasets", "split_indices"]
+__all__ = ["SiteDatasets", "cached_site_images", "image_transform", "per_class", "site_datasets", "split_indices"]
 
 # A few sites per process at most (simulation); one entry per folder and settings, replaced when it changes.
 _CACHE: dict[tuple, tuple[tuple[int, int, int], SiteImages]] = {}
@@ -95,6 +95,8 @@ class SiteDatasets:
     unlabelled: int
     class_counts: dict[int, int] = field(default_factory=dict)
     excluded: int = 0  # 3D series left out for irregular geometry
+    train_per_class: dict[int, int] = field(default_factory=dict)  # classification only
+    val_per_class: dict[int, int] = field(default_factory=dict)
     train_units: list[str] = field(default_factory=list)  # whose each training sample is (stays on the site)
 
 
@@ -127,6 +129,7 @@ def site_datasets(
     cache_dir: Path | None = None,
     data_format: str = "dicom",
     patient_key: str = "",
+    missing_images: str = "stop",
 ) -> SiteDatasets:
     """Read (or reuse) a site's images and split them into train/validation MONAI datasets.
 
@@ -135,13 +138,14 @@ def site_datasets(
     frame a sample, '3d' each series a volume (irregular series excluded or resampled, per
     `irregular`); `cache_dir` keeps the preprocessed arrays on disk for the next process;
     `data_format` 'nifti' reads converted .nii/.nii.gz volumes instead of DICOM; `patient_key` names the
-    manifest's pseudonymous patient column (else DICOM PatientID tells whose each image is).
+    manifest's pseudonymous patient column (else DICOM PatientID tells whose each image is); `missing_images`
+    'report' trains on the other cases when manifest rows have no readable image, 'stop' refuses.
     """
     folder = require_folder(folder)
     preprocess = Preprocess(window=window, image_size=image_size, volume=input_mode == "3d")
     manifest_path = Path(labels_csv) if labels_csv is not None else folder / LABELS_FILENAME
     key = (folder.resolve(), manifest_path.resolve(), label_key, input_mode, irregular, preprocess.fingerprint,
-           str(cache_dir), data_format, patient_key)
+           str(cache_dir), data_format, patient_key, missing_images)
 
     def build() -> SiteImages:
         if data_format == "nifti":
@@ -151,13 +155,12 @@ def site_datasets(
             raise SiteDataError(f"data-format {data_format!r} must be 'dicom' or 'nifti'")
         manifest = manifest_for(folder, manifest_path, label_key, patient_key)
         return load_site(folder, manifest, input_mode=input_mode, irregular=irregular,
-                         preprocess=preprocess, cache_dir=cache_dir)
+                         preprocess=preprocess, cache_dir=cache_dir, missing_images=missing_images)
 
     site = _memoised(key, folder.resolve(), manifest_path, build)
     train_idx, val_idx = split(site.labels, site.groups)
     samples = _Samples(site.images, site.labels)
     # MONAI's Dataset applies `transform` to each data item: here the item is a sample index.
-    classes, counts = np.unique(site.labels, return_counts=True)
     return SiteDatasets(
         train=Dataset(data=train_idx.tolist(), transform=samples),
         val=Dataset(data=val_idx.tolist(), transform=samples),
@@ -165,8 +168,16 @@ def site_datasets(
         num_val=len(val_idx),
         skipped=len(site.skipped),
         unlabelled=site.unlabelled,
-        class_counts={int(c): int(n) for c, n in zip(classes, counts)},
+        class_counts=per_class(site.labels),
         excluded=len(site.excluded),
+        train_per_class=per_class(site.labels[train_idx]),
+        val_per_class=per_class(site.labels[val_idx]),
         train_units=[site.groups[i] for i in train_idx],
     )
+
+
+def per_class(labels: np.ndarray) -> dict[int, int]:
+    """{label: number of samples}."""
+    classes, counts = np.unique(np.asarray(labels, dtype=np.int64), return_counts=True)
+    return {int(c): int(n) for c, n in zip(classes, counts)}
 

@@ -10,6 +10,7 @@ pylibjpeg (libjpeg, openjpeg, rle) for the JPEG family and JPEG 2000.
 from __future__ import annotations
 
 import contextlib
+import logging
 import io
 import warnings
 from collections.abc import Iterator
@@ -38,10 +39,17 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence pydicom's warnings, which can quote element values that identify a patient."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    """Silence pydicom's warnings and log records, which can quote element values that identify a
+    patient; libraries that configure the root logger (opacus does) would otherwise print them."""
+    pydicom_log = logging.getLogger("pydicom")  # its child loggers (pixels.decoders...) inherit the level
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_log.setLevel(level)
 
 
 def _frames_first(arr: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -47,6 +47,9 @@ def _study_of(case: int) -> tuple[int, int]:
         offset -= length
         study += 1
     raise AssertionError("unreachable: offset lies within one cycle")
+# Beside the site folders demo-data writes (never inside them, where it would be one more file of the
+# site): their names, one a line. `fedcare run --fresh-sites` clears the state of those sites only.
+DEMO_MARKER = ".fedcare-demo-sites"
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,19 @@ def write_sites(
             elif target.exists() or target.is_symlink():
                 target.unlink()
             os.replace(fresh, target)
+            _mark_demo_site(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return targets
+
+
+def _mark_demo_site(folder: Path) -> None:
+    marker = folder.parent / DEMO_MARKER
+    names = set(marker.read_text().split()) if marker.is_file() else set()
+    marker.write_text("".join(f"{name}\n" for name in sorted(names | {folder.name})))
+
+
+def is_demo_site(folder: Path) -> bool:
+    """Whether `fedcare demo-data` wrote this site folder (synthetic data, no patient in it)."""
+    marker = Path(folder).parent / DEMO_MARKER
+    return marker.is_file() and Path(folder).name in marker.read_text().split()

@@ -11,6 +11,7 @@ quote values, are silenced.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .volumes import IRREGULAR_CHOICES, VolumePlan, plan_volume, series_slices, 
 __all__ = ["SiteImages", "read_site", "load_site", "INPUT_MODES", "manifest_for", "require_folder"]
 
 INPUT_MODES = ("2d", "3d")
+log = logging.getLogger("fedcare.site")  # the site's own log: it never leaves the site
 # Segmentations are masks made from other images, not images to classify.
 _MASK_MODALITIES = ("SEG", "RTSTRUCT")
 _KEY_ATTRIBUTE = {
@@ -203,12 +205,14 @@ def load_site(
     cache_dir: Path | None = None,
     decode_all: bool = False,
     strict: bool = True,
+    missing_images: str = "stop",
 ) -> SiteImages:
     """Index, decode and label a site folder. `decode_all` also decodes unlabelled images (to count them).
 
-    Without a manifest every image is unlabelled. With `strict`, raises SiteDataError for a folder
-    without any DICOM image and for manifest rows that match no readable image; otherwise those
-    rows are listed in `missing`.
+    Without a manifest every image is unlabelled. Manifest rows that match no readable image are
+    listed in `missing`. With `strict`, raises SiteDataError for a folder without any DICOM image,
+    and, when `missing_images` is "stop", for missing rows; with "report" the site's log names
+    their rows and the other cases are used.
     """
     folder = Path(folder)
     if input_mode not in INPUT_MODES:
@@ -238,11 +242,11 @@ def load_site(
     if manifest is not None:
         site.missing = [value for value in manifest.labels if value not in site.matched]
     if strict:
-        _check_complete(site, folder, manifest)
+        _check_complete(site, folder, manifest, missing_images)
     return site
 
 
-def _check_complete(site: SiteImages, folder: Path, manifest: Manifest | None) -> None:
+def _check_complete(site: SiteImages, folder: Path, manifest: Manifest | None, missing_images: str) -> None:
     if not any(_is_image(h) for h in site.index.instances) and not site.readable:  # type: ignore[union-attr]
         raise SiteDataError(
             f"data folder {folder} holds no readable DICOM images ({len(site.skipped)} file(s) skipped): "
@@ -250,11 +254,12 @@ def _check_complete(site: SiteImages, folder: Path, manifest: Manifest | None) -
         )
     if site.missing and manifest is not None:
         # A silently shrunken site would hide a broken export: name the rows so they can be fixed.
-        raise SiteDataError(
-            f"{len(site.missing)} labelled {manifest.key} value(s) in {manifest.path} have no readable DICOM image "
-            f"under {folder} ({manifest.describe(site.missing)}; {len(site.skipped)} file(s) were skipped as "
-            "unreadable): restore those files or remove their rows from the manifest"
-        )
+        line = (f"{len(site.missing)} labelled {manifest.key} value(s) in {manifest.path} have no readable DICOM "
+                f"image under {folder} ({manifest.describe(site.missing)}; {len(site.skipped)} file(s) were skipped "
+                "as unreadable): fix those files or drop their rows from the manifest")
+        if missing_images == "stop":
+            raise SiteDataError(line + " (missing-images = \"stop\")")
+        log.warning("%s; training on the other %d case(s)", line, len(site.images))
 
 
 def read_site(

@@ -1,5 +1,6 @@
 """The readiness report a site reads before it joins a federation: what its folder holds and what
-training on it would cost in privacy.
+training on it would cost in privacy. Whether the site is ready is decided by the rules in
+fedcare.readiness, the same ones `fedcare run` and the site's ClientApp apply.
 
 Everything in the report is a count, a file path inside the site's own folder, a reason, or a
 masked value: no pixel data, and no identifying header value in clear. The report never leaves the
@@ -18,9 +19,11 @@ import numpy as np
 
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
-from fedcare.policy import POLICY_DEFAULTS
+from fedcare.policy import SitePolicy
+from fedcare.privacy.record import PATIENT
+from fedcare.readiness import SiteCounts, site_problems
 
-from .dataset import split_indices
+from .dataset import per_class, split_indices
 from .dicom import SiteImages, load_site
 from .headers import MEDIA_DIRECTORY, InstanceHeader
 from .index import DUPLICATE
@@ -29,7 +32,6 @@ from .labels import LABELS_FILENAME, Manifest, read_manifest
 __all__ = ["SiteCheck", "check_site", "privacy_estimate"]
 
 _NOT_AN_INSTANCE = ("not a DICOM file", "unreadable DICOM", "cannot open file", "DICOMDIR")
-_MIN_PER_CLASS = 2  # a class needs a case in training and one in validation
 
 
 @dataclass
@@ -42,6 +44,10 @@ class SiteCheck:
     def ready(self) -> bool:
         return bool(self.report["ready"])
 
+
+# check-site without a site's own settings: every policy key at its default (the budget plays no
+# part in readiness); a site passes its own policy.
+DEFAULT_POLICY = SitePolicy(budget_epsilon=math.inf)
 
 def _series_groups(instances: list[InstanceHeader]) -> list[dict[str, Any]]:
     series: dict[tuple[str, str], set[str]] = {}
@@ -69,8 +75,9 @@ def _identifying(instances: list[InstanceHeader]) -> list[dict[str, Any]]:
     ]
 
 
-def privacy_estimate(num_train: int, config: RunConfig) -> dict[str, Any]:
-    """Sample rate, steps and the epsilon the configured run would spend with `num_train` samples.
+def privacy_estimate(num_train: int, config: RunConfig, policy: SitePolicy = DEFAULT_POLICY) -> dict[str, Any]:
+    """Sample rate, steps and the epsilon the configured run would spend with `num_train` units (patients
+    or images, per the site's privacy unit), under the site's own policy.
 
     Mirrors `fedcare.privacy.dpsgd.plan_round`: q = 1/ceil(N/B), steps = rounds x epochs x ceil(N/B),
     sigma from the whole run's target unless the config fixes it.
@@ -84,14 +91,15 @@ def privacy_estimate(num_train: int, config: RunConfig) -> dict[str, Any]:
     epoch_steps = math.ceil(num_train / config.batch_size)
     sample_rate = 1.0 / epoch_steps
     steps = config.num_server_rounds * config.local_epochs * epoch_steps
-    delta = config.target_delta or default_delta(num_train)
-    accountant = POLICY_DEFAULTS["accountant"]
+    delta = policy.budget_delta or default_delta(num_train)
+    accountant = policy.accountant
     sigma = config.noise_multiplier or noise_multiplier_for(
         target_epsilon=config.target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
         accountant=accountant,
     )
     return {
-        "dp": True, "num_train": num_train, "batch_size": config.batch_size, "sample_rate": sample_rate,
+        "dp": True, "privacy_unit": policy.privacy_unit, "num_train": num_train, "batch_size": config.batch_size,
+        "sample_rate": sample_rate,
         "steps": steps, "noise_multiplier": sigma, "delta": delta, "accountant": accountant,
         "epsilon": epsilon([(sigma, sample_rate, steps)], delta, accountant),
         "target_epsilon": config.target_epsilon,
@@ -110,27 +118,31 @@ def _manifest(folder: Path, labels: Path | None, label_key: str | None, problems
         return None
 
 
-def _label_summary(site: SiteImages, manifest: Manifest | None, config: RunConfig, problems: list[str]) -> dict:
+def _label_summary(site: SiteImages, manifest: Manifest | None, config: RunConfig, policy: SitePolicy,
+                   problems: list[str], warnings: list[str]) -> dict:
     classes, counts = np.unique(site.labels, return_counts=True)
-    per_class = {str(int(c)): int(n) for c, n in zip(classes, counts)}
-    summary: dict[str, Any] = {"labelled": int(len(site.labels)), "per_class": per_class, "unlabelled": site.unlabelled}
+    per_label = {str(int(c)): int(n) for c, n in zip(classes, counts)}
+    summary: dict[str, Any] = {"labelled": int(len(site.labels)), "per_class": per_label, "unlabelled": site.unlabelled}
     summary["smallest_class"] = (
         {"label": int(classes[np.argmin(counts)]), "count": int(counts.min())} if len(counts) else None
     )
-    if manifest is not None:
-        summary["missing_labels"] = [{"row": manifest.rows[v]} for v in site.missing]
-        if site.missing:
-            problems.append(f"{len(site.missing)} manifest row(s) match no readable image "
-                            f"({manifest.describe(site.missing)})")
-        if len(counts) < 2:
-            problems.append(f"labelled images cover {len(counts)} class(es): a classifier needs at least 2")
-        elif counts.min() < _MIN_PER_CLASS:
-            problems.append(f"class {int(classes[np.argmin(counts)])} has {int(counts.min())} labelled case(s): "
-                            f"it needs at least {_MIN_PER_CLASS} (one to train, one to validate)")
-    # The site's own split is drawn from its entropy; the estimate takes one of the same size.
-    val_fraction = POLICY_DEFAULTS["val-fraction"]
-    train, _ = split_indices(site.labels, val_fraction, 0, site.groups) if len(counts) else ([], [])
-    summary["num_train"] = int(len(train))
+    train, val = split_indices(site.labels, policy.val_fraction, 0, site.groups) if len(counts) else ([], [])
+    summary["num_train"], summary["num_val"] = int(len(train)), int(len(val))
+    summary["num_train_patients"] = len({site.groups[i] for i in train})  # DP-SGD's N at patient level
+    if manifest is None:
+        return summary
+    summary["missing_labels"] = [{"row": manifest.rows[v]} for v in site.missing]
+    if site.missing:
+        line = (f"{len(site.missing)} manifest row(s) match no readable image ({manifest.describe(site.missing)}): "
+                "fix those files (see 'Files left out') or drop their rows from the manifest")
+        if config.missing_images == "stop":
+            problems.append(line + " (missing-images = \"stop\")")
+        else:
+            warnings.append(line + "; the site trains on its other cases (missing-images = \"report\")")
+    labels = site.labels
+    counts_of = SiteCounts(len(train), len(val), per_class(labels[train]) if len(train) else {},
+                           per_class(labels[val]) if len(val) else {})
+    problems += site_problems(config, counts_of, policy)
     return summary
 
 
@@ -140,20 +152,28 @@ def check_site(
     config: RunConfig | None = None,
     *,
     label_key: str | None = None,
-    input_mode: str = "2d",
-    irregular: str = "exclude",
-    window: str | tuple[float, float] = "soft-tissue",
+    input_mode: str | None = None,
+    irregular: str | None = None,
+    window: str | tuple[float, float] | None = None,
     cache_dir: Path | None = None,
+    policy: SitePolicy = DEFAULT_POLICY,
 ) -> SiteCheck:
-    """Index and decode every file under `folder`, join the labels and estimate the privacy cost.
+    """Index and decode every file under `folder`, join the labels, estimate the privacy cost and
+    apply the readiness rules of fedcare.readiness.
 
-    The images are preprocessed as training would (window, image size), so `cache_dir` is filled
-    with exactly the arrays the first round will ask for.
+    Settings left at None are the run config's; `policy` is the site's own (its budget-delta,
+    val-fraction, accountant and privacy unit decide the estimate). The images are preprocessed as training would (window, image size), so
+    `cache_dir` is filled with exactly the arrays the first round will ask for.
     """
     from .transforms import Preprocess
 
     config = config or RunConfig()
+    label_key = label_key if label_key is not None else (config.label_key or None)
+    input_mode = input_mode or config.input_mode
+    irregular = irregular or config.irregular_series
+    window = window if window is not None else config.window
     problems: list[str] = []
+    warnings: list[str] = []
     manifest = _manifest(Path(folder), labels, label_key, problems)
     # File-level counts come from decoding every file as 2D images; in 3D mode the labels are
     # then joined to series volumes in a second pass.
@@ -179,7 +199,7 @@ def check_site(
         "input_mode": input_mode,
         "label_manifest": str(manifest.path) if manifest else None,
         "label_key": manifest.key if manifest else None,
-        **_label_summary(site, manifest, config, problems),
+        **_label_summary(site, manifest, config, policy, problems, warnings),
         "unreadable": unreadable,
         "duplicates": [{"path": h.path, "reason": DUPLICATE} for h in index.duplicates if h.path in files.readable],
         "excluded_series": [{"path": p, "reason": r} for p, r in site.excluded],
@@ -188,11 +208,11 @@ def check_site(
     if not files.readable:
         problems.append("no readable DICOM image in the folder")
     try:
-        report["privacy"] = privacy_estimate(report["num_train"], config) if manifest else {"dp": config.dp}
-    except FedcareError as err:
-        report["privacy"] = {"dp": config.dp}
-        problems.append(str(err))
-    report["warnings"] = [
+        units = report["num_train_patients"] if policy.privacy_unit == PATIENT else report["num_train"]
+        report["privacy"] = privacy_estimate(units, config, policy) if manifest else {"dp": config.dp}
+    except FedcareError:
+        report["privacy"] = {"dp": config.dp}  # no training case: the rules above already say so
+    report["warnings"] = warnings + [
         f"{item['tag']} is filled in {item['instances']} instance(s): the data may not be de-identified"
         for item in report["identifying"] if item["marked_deidentified"] < item["instances"]
     ]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -40,6 +39,7 @@ def demo_data(
 ) -> None:
     """Write real DICOM files and a labels.csv (or DICOM SEG masks) for each simulated hospital."""
     from data_adapters import write_demo_segmentation_sites, write_demo_sites
+    from data_adapters.labels import LABELS_FILENAME
 
     if task not in ("classification", "segmentation"):
         raise FedcareError(f"--task {task!r} must be classification or segmentation")
@@ -50,7 +50,8 @@ def demo_data(
         folders = writer(out, sites=sites, seed=seed, cases=counts, overwrite=overwrite, policy=policy)
     table = Table("site", "folder", "DICOM files")
     for folder in folders:
-        table.add_row(folder.name, str(folder), str(sum(1 for p in folder.rglob("*") if p.is_file()) - 1))
+        images = sum(1 for p in folder.rglob("*") if p.is_file() and p.name != LABELS_FILENAME)
+        table.add_row(folder.name, str(folder), str(images))
     console.print(table)
 
 
@@ -58,30 +59,58 @@ def demo_data(
 def run(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A run-config preset, e.g. configs/demo.toml."),
     sites: int = typer.Option(3, min=1, help="Simulated sites (site-0 ... site-N-1 under data-root)."),
-    fresh_sites: bool = typer.Option(False, help="Delete the simulated sites' state (privacy ledgers) first."),
+    site: Optional[list[str]] = typer.Option(None, "--site", metavar="NAME=PATH",
+                                             help="A site and its own folder (repeat); replaces --sites and data-root."),
+    fresh_sites: bool = typer.Option(False, help="Delete the demo sites' state (privacy ledgers) first; "
+                                     "refused for folders `fedcare demo-data` did not write."),
     project: Path = typer.Option(Path("."), help="The Flower app's folder."),
 ) -> None:
-    """Run the federation as a local simulation with `flwr run . --stream`."""
-    from fedcare.config import RunConfig, load_preset
-    from fedcare.federation import run_simulation
+    """Run the federation as a local simulation with `flwr run . --stream`.
 
-    planned = load_preset(config) if config else RunConfig()
+    Exits 1 when the run or a site is not ready (every problem printed first), when the run stops,
+    or when a site failed every round; 130 on Ctrl-C or SIGTERM, after stopping every process it started.
+    """
+    from fedcare.federation import NotReady, clear_demo_state, resolve_config, run_simulation
+    from fedcare.outputs import failed_every_round
+    from fedcare.sites import simulated_sites
+
+    overrides = {"site-folders": _site_folders(site)} if site else {}
+    sites = len(site) if site else sites
+    planned, _ = resolve_config(project, config, overrides)
     if fresh_sites:
-        for index in range(sites):
-            shutil.rmtree(Path(planned.sites_dir) / f"site-{index}", ignore_errors=True)
-        console.print(f"Simulated sites start from a clean state: removed their ledgers under {planned.sites_dir}/")
-    folder = run_simulation(project, config, sites)
+        removed = clear_demo_state(planned, sites)
+        console.print(f"Demo sites start from a clean state: removed {len(removed)} state folder(s) under "
+                      f"{planned.sites_dir}/")
+    try:
+        folder = run_simulation(project, config, sites, overrides=overrides)
+    except NotReady as err:
+        for problem in err.problems:
+            Console(stderr=True).print(f"[red]not ready:[/red] {problem}", highlight=False, soft_wrap=True)
+        raise FedcareError(f"{len(err.problems)} problem(s) above: nothing was started") from None
     show_run(folder)
     table, lines = Table("site", "replies sent", "bytes", "egress audit", title="What left each site"), []
-    for index in range(sites):
-        log = Path(planned.sites_dir) / f"site-{index}" / "egress.jsonl"
-        result = audit_site_log(log)
-        verdict = "clean" if result.clean else f"{len(result.violations)} VIOLATIONS"
-        table.add_row(f"site-{index}", str(sum(result.replies.values())), str(result.bytes), verdict)
-        lines.append(f"- site-{index}: {verdict}; {(log.parent / 'egress_audit.txt').resolve()}")
+    for name, _ in simulated_sites(planned, sites):
+        log = Path(planned.sites_dir) / name / "egress.jsonl"
+        result = audit_site_log(log) if log.is_file() else None
+        verdict = "no egress log" if result is None else "clean" if result.clean else f"{len(result.violations)} VIOLATIONS"
+        table.add_row(name, str(sum(result.replies.values())) if result else "0", str(result.bytes if result else 0),
+                      verdict)
+        lines.append(f"- {name}: {verdict}" + (f"; {(log.parent / 'egress_audit.txt').resolve()}" if result else ""))
     console.print(table)
     with open(folder / "summary.md", "a") as summary:
         summary.write("\n## Egress audits (run at each site)\n\n" + "\n".join(lines) + "\n")
+    failed = failed_every_round(json.loads((folder / "metrics.json").read_text()))
+    if failed:
+        raise FedcareError(f"{', '.join(failed)} failed every round ({next(iter(failed.values()))}); "
+                           f"{folder / 'summary.md'} says which and why")
+
+
+def _site_folders(entries: list[str]) -> str:
+    """--site NAME=PATH values as the run config's site-folders, each PATH made absolute from here."""
+    from fedcare.config import parse_site_folders
+
+    named = parse_site_folders("; ".join(entries))
+    return "; ".join(f"{name}={Path(folder).resolve()}" for name, folder in named)
 
 
 @app.command("audit")
@@ -105,6 +134,10 @@ def audit_site_log(log: Path) -> "Audit":
     from fedcare.egress import audit
 
     result = audit(log, _model_shapes())
+    if result.violations and not result.replies:
+        # Nothing in it reads as a reply: not a site's log, and no verdict file to leave beside it.
+        raise FedcareError(f"{log}: not an egress log ({len(result.violations)} line(s), none a reply entry); "
+                           "a site's log is <state folder>/egress.jsonl")
     (log.parent / "egress_audit.txt").write_text("\n".join([f"Egress audit of {log.name}"] + audit_lines(result)) + "\n")
     return result
 
@@ -125,11 +158,17 @@ def audit_lines(result: "Audit") -> list[str]:
 
 
 @app.command("check-config")
-def check_config(path: Path = typer.Argument(..., help="A run-config TOML file.")) -> None:
-    """Check a run-config preset the way a run would, without running it."""
+def check_config(
+    path: Path = typer.Argument(..., help="A run-config TOML file."),
+    sites: Optional[int] = typer.Option(None, min=1, help="Also check the run-level rules for this many sites."),
+) -> None:
+    """Check a run-config preset the way a run would (keys, values, sizes the network takes), without running it."""
     from fedcare.config import load_preset
+    from fedcare.readiness import run_problems
 
-    load_preset(path)
+    problems = run_problems(load_preset(path), sites)
+    if problems:
+        raise FedcareError(f"{path}: " + "; ".join(problems))
     console.print(f"{path}: ok")
 
 
@@ -271,7 +310,8 @@ def _int_list(text: str, option: str) -> list[int]:
 def main() -> None:
     """Entry point: one-line errors for user mistakes, exit 1 (2 for usage errors)."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click hands back typer.Exit's code instead of exiting with it.
+        status = app(standalone_mode=False)
     except FedcareError as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         sys.exit(1)
@@ -280,3 +320,4 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)
+    sys.exit(status if isinstance(status, int) else 0)

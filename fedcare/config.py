@@ -7,6 +7,7 @@ turns it into a typed object, or stops with a ConfigError naming the first wrong
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -26,6 +27,9 @@ LABEL_KEYS = ("", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Ac
               "image", "filename", "file", "path")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
+MISSING_IMAGES = ("report", "stop")
+# A site's name goes into every report the server writes: letters, digits, dots, dashes, underscores.
+_SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,14 @@ class RunConfig:
     # rounds to pull the model out; weighting lesion pixels tenfold made the demo's sites find the
     # lesion in 2-3 rounds instead of 5-6 at epsilon 8.
     lesion_weight: float = 10.0
+    # A labels.csv row whose image cannot be read: "report" it and train on the other cases, or
+    # "stop" the site until the file is fixed or the row dropped.
+    missing_images: str = "report"
     seed: int = 42
     data_root: str = "outputs/demo-data"
+    # Simulation: "NAME=PATH; NAME=PATH" names each simulated site and its folder (fedcare run
+    # --site); empty: site-0 ... site-N-1 under data-root.
+    site_folders: str = ""
     sites_dir: str = "outputs/sites"
     outputs_dir: str = "outputs"
     round_timeout: float = 600.0
@@ -110,11 +120,13 @@ class RunConfig:
         for name, allowed in (("task", TASKS), ("model", MODELS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
                               ("data_format", DATA_FORMATS), ("input_mode", INPUT_MODES),
                               ("irregular_series", IRREGULAR_SERIES), ("label_key", LABEL_KEYS),
+                              ("missing_images", MISSING_IMAGES),
                               ("grad_sample_mode", GRAD_SAMPLE_MODES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), "must be one of " + ", ".join(allowed))
         if self.model not in TASK_MODELS[self.task]:
             _fail("model", self.model, f"cannot do task '{self.task}'; use " + " or ".join(TASK_MODELS[self.task]))
+        parse_site_folders(self.site_folders)
         # The adapter owns what a window, a spacing and a patch size mean.
         from data_adapters.transforms import parse_patch_size, parse_spacing, parse_window
 
@@ -130,6 +142,22 @@ class RunConfig:
             if any(size % multiple for size in parse_patch_size(self.patch_size)):
                 _fail("patch_size", self.patch_size, f"must be a multiple of {multiple} voxels in x, y and z "
                       "(each level of the U-Net halves it), e.g. \"32 32 8\"")
+
+
+def parse_site_folders(text: str) -> list[tuple[str, str]]:
+    """Parse 'h1=/data/h1; h2=/data/h2' into [('h1', '/data/h1'), ('h2', '/data/h2')], in order."""
+    found: list[tuple[str, str]] = []
+    for item in (part.strip() for part in text.split(";")):
+        if not item:
+            continue
+        name, sep, folder = (piece.strip() for piece in item.partition("="))
+        if not sep or not folder or not _SITE_NAME.fullmatch(name):
+            raise ConfigError(f"run config: site-folders entry '{item}' is not NAME=PATH with a NAME of letters, "
+                              "digits, '.', '-' or '_', e.g. site-folders = \"north=/data/north; south=/data/south\"")
+        if any(name == other for other, _ in found):
+            raise ConfigError(f"run config: site-folders names site '{name}' twice: give each site its own name")
+        found.append((name, folder))
+    return found
 
 
 def read_preset(path: Path) -> dict[str, Any]:

@@ -41,8 +41,9 @@ def resolve_device(setting: str, source: str = "site settings") -> torch.device:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device a model's weights are on: where its batches and noise must be."""
-    return next(model.parameters()).device
+    """The device a model's weights are on: where its batches and noise must be (the CPU if it has none)."""
+    tensor = next(model.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -24,6 +24,12 @@ class SiteDataError(FedcareError):
     kind = "the site's data folder or label manifest cannot be used"
 
 
+class SiteNotReady(SiteDataError):
+    """A site's data falls below what the run needs for a meaningful, private result."""
+
+    kind = "the site is not ready for this run (`fedcare check-site` on the site says why and what to do)"
+
+
 class LedgerError(FedcareError):
     """A privacy ledger is missing, corrupted or has been tampered with."""
 
@@ -52,13 +58,21 @@ APP_REFUSED_CODE = 4102
 SITE_LOG_HINT = "the site's own log names the file or setting"
 
 
-def site_error_reason(site: str, err: Exception) -> str:
+STAGES = {"train": "training", "evaluate": "evaluation"}
+
+
+def site_error_reason(site: str, err: BaseException, stage: str = "") -> str:
     """The failed reply's reason: the site and the kind of problem, not the one-line detail.
 
     The detail names the site's files and folders, and a hospital's folder or file names can hold
-    a patient's name or record number, so it stays in the site's log.
+    a patient's name or record number, so it stays in the site's log. An error that is not one of
+    fedcare's own is named by its type alone ("the site's training failed: IndexError"): its text
+    and traceback can quote paths and values, so they stay in the site's log as well.
     """
-    kind = err.kind if isinstance(err, FedcareError) else FedcareError.kind
+    if isinstance(err, FedcareError):
+        kind = err.kind
+    else:
+        kind = f"the site's {STAGES.get(stage, stage or 'work')} failed: {type(err).__name__}"
     return f"{site}: {kind} ({SITE_LOG_HINT})"
 
 

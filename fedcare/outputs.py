@@ -44,11 +44,13 @@ class RunFolder:
         path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
         return path
 
-    def publish(self) -> Path:
-        """Move the finished run into place and point `latest` at it."""
+    def publish(self, latest: bool = True) -> Path:
+        """Move the finished run into place and, with `latest`, point `latest` at it."""
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(self.staging, self.final)
+        if not latest:
+            return self.final
         link = self.outputs_dir / "latest"
         temporary = self.outputs_dir / ".latest.tmp"
         if temporary.is_symlink() or temporary.exists():
@@ -107,10 +109,26 @@ def metrics_plot(document: dict[str, Any]) -> bytes:
     axes.set_ylim(0, 1.02)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="lower right")
+    if axes.get_legend_handles_labels()[0]:  # a run that evaluated nothing has no line to name
+        axes.legend(fontsize="small", loc="lower right")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def failed_every_round(document: dict[str, Any]) -> dict[str, str]:
+    """{site: last reason} for every site whose training failed or was rejected in every round of the run.
+
+    A site that refused a round for its privacy budget made its own choice; it is not listed.
+    """
+    rounds = document["rounds"]
+    failed = {}
+    for site in sorted({name for item in rounds for name in item["sites"]}):
+        entries = [item["sites"].get(site, {}) for item in rounds]
+        if all(entry.get("train_status") in ("failed", "rejected") for entry in entries):
+            reason = str(entries[-1].get("train_error", ""))
+            failed[site] = reason.split(": ", 1)[1] if reason.startswith(f"{site}: ") else reason
+    return failed
 
 
 def summary_markdown(document: dict[str, Any], run_id: str, notes: list[str]) -> str:

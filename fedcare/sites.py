@@ -1,11 +1,11 @@
 """Who a site is and what it keeps for itself: name, data folder, state folder and privacy policy.
 
 In deployment each hospital's SuperNode passes these in its node config. In simulation Flower only
-gives `partition-id`, so a simulated site is the folder `site-<partition-id>` under the run's
-`data-root`, and its settings are the file `site.toml` in that folder (written by `fedcare
-demo-data`, or by the site's operator): the same keys as a node config, read by the same code, so
-a simulated site refuses what a deployed one refuses. No setting that protects a site is ever
-taken from the run config.
+gives `partition-id`, so simulated site N is the N-th NAME=PATH of the run's `site-folders`
+(`fedcare run --site`), or else the folder `site-<N>` under the run's `data-root`; its settings are
+the file `site.toml` in that folder (written by `fedcare demo-data`, or by the site's operator): the
+same keys as a node config, read by the same code, so a simulated site refuses what a deployed one
+refuses. No setting that protects a site is ever taken from the run config.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import tomli_w
 
 from data_adapters.labels import SITE_FILE
-from fedcare.config import RunConfig
+from fedcare.config import RunConfig, parse_site_folders
 from fedcare.errors import ConfigError
 from fedcare.policy import POLICY_KEYS, SitePolicy
 
@@ -57,15 +57,16 @@ class Site:
 def site_from_node_config(node_config: Mapping[str, Any], run: RunConfig) -> Site:
     """Resolve the site this ClientApp runs for, from its node config (or its site.toml in simulation)."""
     if "partition-id" in node_config and "data-path" not in node_config:
-        return simulated_site(Path(run.data_root) / f"site-{int(node_config['partition-id'])}", Path(run.sites_dir))
+        name, folder = simulated_site(run, int(node_config["partition-id"]))
+        return site_in_folder(folder, Path(run.sites_dir), name)
     return site_from_settings(node_config, "node config")
 
 
-def simulated_site(folder: Path, sites_dir: Path) -> Site:
+def site_in_folder(folder: Path, sites_dir: Path, name: str | None = None) -> Site:
     """A simulated site from the settings file in its folder; its state defaults to `sites_dir`/<name>."""
     settings = read_site_settings(folder)
     source = str(folder / SITE_FILE)
-    name = str(settings.get("site-name", folder.name))
+    name = name or str(settings.get("site-name", folder.name))
     # A state-path in the file is relative to the site's folder; without one, the site's state lies in sites-dir.
     state = folder / str(settings["state-path"]) if "state-path" in settings else sites_dir / name
     values = {**settings, "site-name": name, "data-path": str(folder), "state-path": str(state)}
@@ -104,6 +105,23 @@ def read_site_settings(folder: Path) -> dict[str, Any]:
                           "(e.g. budget-epsilon = 8.0); `fedcare demo-data` writes one per demo site") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
+
+
+def simulated_site(run: RunConfig, partition_id: int) -> tuple[str, Path]:
+    """The name and data folder of simulated site `partition_id`."""
+    named = parse_site_folders(run.site_folders)
+    if not named:
+        return f"site-{partition_id}", Path(run.data_root) / f"site-{partition_id}"
+    if not 0 <= partition_id < len(named):
+        raise ConfigError(f"run config: site-folders names {len(named)} site(s), but the simulation has a site "
+                          f"{partition_id + 1}: run as many sites as site-folders names")
+    name, folder = named[partition_id]
+    return name, Path(folder)
+
+
+def simulated_sites(run: RunConfig, sites: int) -> list[tuple[str, Path]]:
+    """Every simulated site's (name, data folder), in partition order."""
+    return [simulated_site(run, index) for index in range(sites)]
 
 
 def write_site_settings(folder: Path, **values: Any) -> Path:

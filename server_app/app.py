@@ -18,8 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
 from fedcare.model import build_model, check_private_trainable
-from fedcare.outputs import RunFolder, headline_metric, metrics_document, metrics_plot, summary_markdown
+from fedcare.outputs import (RunFolder, failed_every_round, headline_metric, metrics_document, metrics_plot,
+                             summary_markdown)
 from fedcare.privacy.report import write_privacy_report
+from fedcare.readiness import run_problems
 from server_app.checkpoint import Checkpoints
 from server_app.history_check import check_and_remember
 from server_app.privacy_summary import privacy_report_data
@@ -34,6 +36,10 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation up to `num-server-rounds` and publish the run folder."""
     try:
         config = RunConfig.from_mapping(context.run_config)
+        # The run-level readiness rules, so that a plain `flwr run` stops here too, not at every site.
+        problems = run_problems(config)
+        if problems:
+            raise FedcareError("; ".join(problems))
         model = build_model(config)
         if config.dp:
             check_private_trainable(model)  # once, before any site spends budget on it
@@ -73,13 +79,16 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     """Write every output of the run into its folder, then move the folder into place."""
     folder = RunFolder(Path(config.outputs_dir), run_id)
     torch.save(checkpoints.arrays.to_torch_state_dict(), folder.path("global_model.pt"))
-    if checkpoints.best_path.is_file():
+    # The checkpoint folder outlives runs: only a best model scored in this run (or the one it resumed) is its own.
+    has_best = checkpoints.best_auc > float("-inf") and checkpoints.best_path.is_file()
+    if has_best:
         shutil.copyfile(checkpoints.best_path, folder.path("best_model.pt"))
     flags = list(strategy.log.flags)
     if strategy.log.registry is not None:  # deployment: registered sites, remembered across runs
         flags += check_and_remember(Path(config.outputs_dir), strategy.log.privacy, run_id)
     document = metrics_document(config.to_dict(), strategy.log.rounds, strategy.log.seconds)
-    document.update(resumed_from_round=resumed_from, stopped=stopped, flags=flags)
+    failed = failed_every_round(document)
+    document.update(resumed_from_round=resumed_from, stopped=stopped, flags=flags, failed_every_round=failed)
     folder.write_json("metrics.json", document)
     folder.path("metrics.png").write_bytes(metrics_plot(document))
     write_privacy_report(folder.staging, privacy_report_data(strategy.log.privacy, strategy.log.rounds, run_id,
@@ -93,10 +102,15 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     if stopped:
         notes.append(f"STOPPED: {stopped}")
     notes += [f"FLAG: {flag}" for flag in flags]
-    if document["rounds"]:
-        final = document["rounds"][-1]["aggregate"]
-        name = {"auc": "AUC", "dice": "mean Dice"}.get(headline_metric(final) or "auc", "AUC")
-        notes.append(f"Final weighted validation {name}: {final.get(headline_metric(final) or 'auc', float('nan')):.3f}"
-                     f"; best model by {name}: best_model.pt ({name} {checkpoints.best_auc:.3f})")
+    notes += [f"FAILED EVERY ROUND: {site} ({reason})" for site, reason in failed.items()]
+    # The last round that was evaluated: a run stopped mid-round has no figures for that round.
+    final = next((r["aggregate"] for r in reversed(document["rounds"]) if headline_metric(r["aggregate"])), {})
+    metric = headline_metric(final)
+    if metric:
+        name = {"auc": "AUC", "dice": "mean Dice"}[metric]
+        notes.append(f"Final weighted validation {name}: {final[metric]:.3f}"
+                     + (f"; best model by {name}: best_model.pt ({name} {checkpoints.best_auc:.3f})" if has_best else ""))
     folder.path("summary.md").write_text(summary_markdown(document, run_id, notes))
-    return folder.publish()
+    # A run that completed no round of its own is kept for reading, but never becomes `latest`.
+    completed = any(r > resumed_from for r in strategy.log.seconds)
+    return folder.publish(latest=completed)

@@ -60,9 +60,14 @@ def test_whole_pydicom_test_folder(tmp_path: Path) -> None:
     assert report["images_readable"] >= len(decodable)
 
 
+# 125 cases: 100 train, so 1/(10 N) is 1e-3, the largest delta the readiness rules accept.
+CASES = 125
+SERIES = 75  # one patient each, of one to three images (data_adapters.demo_data)
+
+
 @pytest.fixture(scope="module")
 def demo_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_sites(tmp_path_factory.mktemp("demo") / "out", sites=1, seed=2, cases=[50])[0]
+    return write_demo_sites(tmp_path_factory.mktemp("demo") / "out", sites=1, seed=2, cases=[CASES])[0]
 
 
 def test_a_ready_site_and_its_privacy_cost(demo_site: Path) -> None:
@@ -70,13 +75,17 @@ def test_a_ready_site_and_its_privacy_cost(demo_site: Path) -> None:
     code, output = _check(str(demo_site), "--config", str(config_path), "--json")
     report = json.loads(output)
     assert code == 0 and report["ready"] is True and report["problems"] == []
-    assert report["labelled"] == 50 and report["images_readable"] == 50 and report["unreadable"] == []
-    assert report["series_by_modality"] == [{"modality": "CT", "manufacturer": "SIEMENS", "series": 30, "instances": 50}]
+    assert report["labelled"] == CASES and report["images_readable"] == CASES and report["unreadable"] == []
+    assert report["series_by_modality"] == [{"modality": "CT", "manufacturer": "SIEMENS", "series": SERIES,
+                                             "instances": CASES}]
     config = load_preset(config_path)
     site = read_site(demo_site)
-    n_train = len(split_indices(site.labels, 0.2, 0, site.groups)[0])
+    train = split_indices(site.labels, 0.2, 0, site.groups)[0]
+    n_train = len({site.groups[i] for i in train})  # DP-SGD samples patients: N counts patients
+    assert report["num_train"] == len(train) > n_train == report["num_train_patients"]
     per_epoch = math.ceil(n_train / config.batch_size)
     privacy = report["privacy"]
+    assert privacy["privacy_unit"] == "patient"
     assert privacy["num_train"] == n_train and privacy["sample_rate"] == pytest.approx(1 / per_epoch)
     assert privacy["steps"] == config.num_server_rounds * config.local_epochs * per_epoch
     delta = default_delta(n_train)
@@ -103,17 +112,24 @@ def test_identifying_tags_are_warned_about_and_masked(tmp_path: Path) -> None:
         assert not [s for s in secrets if s in output], "an identifying value was printed in clear"
     report = json.loads(_check(str(tmp_path), "--json")[1])
     assert any("PatientName is filled in 3 instance(s)" in w for w in report["warnings"])
-    assert any("class 1 has 1 labelled case" in p for p in report["problems"])
+    assert any("class 1 has 1 training and 0 validation case(s)" in p for p in report["problems"])
+    assert not any("delta would be" in p for p in report["problems"])  # the site's rule: 1e-5 at most
 
 
-def test_labels_without_images_make_the_site_not_ready(demo_site: Path, tmp_path: Path) -> None:
+def test_labels_without_images_are_reported_and_stop_the_site_only_if_it_says_so(demo_site: Path,
+                                                                                 tmp_path: Path) -> None:
     manifest = tmp_path / "labels.csv"
     manifest.write_text((demo_site / "labels.csv").read_text() + "1.2.999.7,1\n")
     code, output = _check(str(demo_site), "--labels", str(manifest), "--json")
     report = json.loads(output)
-    assert code == 1 and report["ready"] is False
-    assert report["missing_labels"] == [{"row": 52}]
-    assert any("match no readable image (row 52)" in p for p in report["problems"])
+    assert code == 0 and report["ready"] is True and report["missing_labels"] == [{"row": CASES + 2}]
+    assert any(f"match no readable image (row {CASES + 2}): fix those files" in w and "drop their rows" in w
+               for w in report["warnings"])
+    strict = tmp_path / "strict.toml"
+    strict.write_text('missing-images = "stop"\n')
+    code, output = _check(str(demo_site), "--labels", str(manifest), "--config", str(strict), "--json")
+    report = json.loads(output)
+    assert code == 1 and any(f"(row {CASES + 2})" in p for p in report["problems"])
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:

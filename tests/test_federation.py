@@ -33,9 +33,9 @@ def federation(tmp_path_factory):
         "min-sites": 1,  # one site refuses or fails on purpose below; the other carries the round
     }
 
-    def run(**overrides):
+    def run(check=True, **overrides):
         values = settings | overrides
-        return run_simulation(ROOT, None, 2, overrides=values, flwr_home=base / "flwr-home"), values
+        return run_simulation(ROOT, None, 2, overrides=values, flwr_home=base / "flwr-home", check=check), values
 
     return base, run
 
@@ -127,7 +127,8 @@ def test_a_site_with_a_broken_manifest_fails_its_reply_by_name(federation, first
     data = tmp_path / "data"
     shutil.copytree(base / "data", data)
     (data / "site-1" / "labels.csv").write_text("SOPInstanceUID;label\n1.2.3;yes\n")
-    folder, _ = run(**{"data-root": str(data), "sites-dir": str(tmp_path / "sites")})
+    # The runner's readiness check would refuse site-1 before starting; here the site must refuse itself.
+    folder, _ = run(check=False, **{"data-root": str(data), "sites-dir": str(tmp_path / "sites")})
     metrics = read(folder, "metrics.json")
     for item in metrics["rounds"]:
         assert item["sites"]["site-0"]["train_status"] == "ok"

@@ -69,10 +69,13 @@ def test_too_few_sites_stop_the_run_with_a_checkpoint_then_resume(data, tmp_path
     broken = tmp_path / "broken"
     write_demo_sites(broken, sites=2, seed=5, cases=[40, 40], budgets={"site-0": 50.0, "site-1": 50.0})
     (broken / "site-1" / "labels.csv").unlink()
-    with pytest.raises(FedcareError, match="stopped early"):
-        run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr",
+    with pytest.raises(FedcareError, match="stopped early"):  # check=False: the site, not the runner, refuses
+        run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr", check=False,
                        overrides=base | {"num-server-rounds": 5, "resume": True, "data-root": str(broken)})
-    stopped = tmp_path / "out" / "latest"
+    # The stopped run completed no round of its own: its folder is kept, but latest is still the resumed run.
+    assert (tmp_path / "out" / "latest").resolve() == resumed
+    [stopped] = [p for p in (tmp_path / "out").iterdir() if p.name not in ("latest", "checkpoint", resumed.name,
+                                                                            first.name) and (p / "metrics.json").is_file()]
     document = metrics(stopped)
     assert "min-sites is 2" in document["stopped"]
     assert document["rounds"][-1]["sites"]["site-1"]["train_status"] == "failed"
