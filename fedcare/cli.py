@@ -64,13 +64,16 @@ def run(
     fresh_sites: bool = typer.Option(False, help="Delete the demo sites' state (privacy ledgers) first; "
                                      "refused for folders `fedcare demo-data` did not write."),
     project: Path = typer.Option(Path("."), help="The Flower app's folder."),
+    cpus_per_site: int = typer.Option(2, min=1, help="CPU cores Flower's simulation reserves for each site."),
+    gpus_per_site: float = typer.Option(0.0, min=0.0, help="GPUs reserved for each site; 0.5 lets two sites "
+                                        "share one GPU (each trains where its own `device` setting says)."),
 ) -> None:
     """Run the federation as a local simulation with `flwr run . --stream`.
 
     Exits 1 when the run or a site is not ready (every problem printed first), when the run stops,
     or when a site failed every round; 130 on Ctrl-C or SIGTERM, after stopping every process it started.
     """
-    from fedcare.federation import NotReady, clear_demo_state, resolve_config, run_simulation
+    from fedcare.federation import NotReady, SiteResources, clear_demo_state, resolve_config, run_simulation
     from fedcare.outputs import failed_every_round
     from fedcare.sites import simulated_sites
 
@@ -82,7 +85,8 @@ def run(
         console.print(f"Demo sites start from a clean state: removed {len(removed)} state folder(s) under "
                       f"{planned.sites_dir}/")
     try:
-        folder = run_simulation(project, config, sites, overrides=overrides)
+        folder = run_simulation(project, config, sites, overrides=overrides,
+                                resources=SiteResources(cpus_per_site, gpus_per_site))
     except NotReady as err:
         for problem in err.problems:
             Console(stderr=True).print(f"[red]not ready:[/red] {problem}", highlight=False, soft_wrap=True)

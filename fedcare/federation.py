@@ -21,10 +21,12 @@ import time
 import tomllib
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import tomli_w
+import torch
 
 from data_adapters.demo_data import is_demo_site
 from data_adapters.readiness import check_site
@@ -157,14 +159,39 @@ def uninterrupted() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@dataclass(frozen=True)
+class SiteResources:
+    """What Flower's simulation backend reserves for each simulated site; sites that fit run side by side.
+
+    `gpus` below 1 lets several simulated sites share one GPU (0.5: two at a time). Each site still
+    decides where it trains with its own `device` setting (fedcare.device), `auto` by default.
+    """
+
+    cpus: int = 2
+    gpus: float = 0.0
+
+    def federation_config(self, sites: int) -> str:
+        """The `flwr run --federation-config` value for `sites` simulated sites with these resources."""
+        if self.cpus < 1 or self.gpus < 0:
+            raise FedcareError(f"--cpus-per-site {self.cpus} / --gpus-per-site {self.gpus:g}: give at least 1 CPU "
+                               "and 0 or more GPUs per site")
+        if self.gpus > 0 and not torch.cuda.is_available():
+            raise FedcareError(f"--gpus-per-site {self.gpus:g}: torch sees no CUDA device here, so the simulation "
+                               "would wait for a GPU forever; run without it (0, the default) on this machine")
+        return (f"num-supernodes={sites} client-resources-num-cpus={self.cpus} "
+                f"client-resources-num-gpus={self.gpus:g}")
+
+
 def run_simulation(project: Path, preset: Path | None, sites: int, overrides: dict[str, Any] | None = None,
-                   flwr_home: Path | None = None, check: bool = True) -> Path:
+                   flwr_home: Path | None = None, check: bool = True,
+                   resources: SiteResources = SiteResources()) -> Path:
     """Run one federation of `sites` simulated sites; returns the published run folder.
 
     With `check` (the default) the run and its sites go through the readiness rules first and a
     NotReady error lists what to fix; without it the sites' own ClientApps are left to refuse.
     """
     project = project.resolve()
+    federation = resources.federation_config(sites)
     config, values = resolve_config(project, preset, overrides)
     problems = preflight(config, sites) if check else run_problems(config, sites)
     if problems:
@@ -192,7 +219,7 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
     command = [str(Path(sys.executable).with_name("flwr")), "run", str(project), "local", "--stream", "--run-config", str(merged),
-               "--federation-config", f"num-supernodes={sites}"]
+               "--federation-config", federation]
     before, started = _latest(outputs), time.time()
     try:
         with stop_on_signals():

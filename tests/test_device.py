@@ -16,7 +16,8 @@ from client_app.app import app, train
 from data_adapters import write_demo_sites
 from fedcare.config import load_preset
 from fedcare.device import resolve_device
-from fedcare.errors import ConfigError
+from fedcare.errors import ConfigError, FedcareError
+from fedcare.federation import SiteResources, run_simulation
 from fedcare.model import build_model, check_private_trainable
 from tests.test_client_app import RUN, request
 
@@ -95,3 +96,25 @@ def test_a_site_trains_on_its_gpu_and_replies_with_cpu_weights(data, tmp_path):
     assert reply.content["privacy"]["status"] == "ok"
     assert all(t.device.type == "cpu" for t in reply.content["arrays"].to_torch_state_dict().values())
     assert torch.cuda.memory_allocated() < 64 * 2**20  # released after the round
+
+
+def test_simulated_sites_reserve_what_fedcare_run_asks_of_flowers_backend():
+    assert SiteResources().federation_config(3) == (
+        "num-supernodes=3 client-resources-num-cpus=2 client-resources-num-gpus=0")
+    if torch.cuda.is_available():
+        assert SiteResources(1, 0.5).federation_config(2).endswith("client-resources-num-gpus=0.5")
+    else:
+        with pytest.raises(FedcareError, match="--gpus-per-site 0.5: torch sees no CUDA device"):
+            SiteResources(1, 0.5).federation_config(2)
+
+
+@gpu
+@pytest.mark.slow
+def test_a_short_gpu_federation_of_two_simulated_sites_completes(tmp_path):
+    sites = write_demo_sites(tmp_path / "data", sites=2, cases=[120, 120], budgets={"site-0": 50.0, "site-1": 50.0},
+                             policy={"device": "cuda"})
+    assert sites
+    folder = run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr", resources=SiteResources(1, 0.5), overrides={
+        "num-server-rounds": 2, "data-root": str(tmp_path / "data"), "sites-dir": str(tmp_path / "sites"),
+        "outputs-dir": str(tmp_path / "out")})
+    assert (folder / "global_model.pt").is_file()
