@@ -23,6 +23,7 @@ from fedcare.deploy.identities import key_fingerprint, names_by_node, record_reg
 from fedcare.errors import APP_REFUSED_CODE, FedcareError
 from server_app.history_check import check_histories
 from server_app.recording import RoundLog
+from tests.cli_checks import one_line_error
 from tests.deploy_helpers import copy_project
 
 FEDCARE = str(Path(sys.executable).with_name("fedcare"))
@@ -40,14 +41,6 @@ def project(tmp_path_factory):
 def fedcare(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([FEDCARE, *args], capture_output=True, text=True, timeout=120, cwd=cwd,
                           env=os.environ | (env or {}))
-
-
-def one_line_error(done: subprocess.CompletedProcess, *expected: str) -> None:
-    assert done.returncode == 1, done.stdout + done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    for text in expected:
-        assert text in lines[0], lines[0]
 
 
 def test_digest_is_the_hash_of_the_bundle_flwr_build_writes(project, tmp_path):

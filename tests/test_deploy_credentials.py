@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedcare.deploy.credentials import certificate_hosts, check_coordinator, make_credentials
 from fedcare.deploy.entrypoint import coordinator_command, coordinator_commands, site_command, site_commands
 from fedcare.errors import FedcareError
+from tests.cli_checks import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDCARE = str(Path(sys.executable).with_name("fedcare"))
@@ -54,14 +55,6 @@ def run_entrypoint(role: str, env: dict) -> subprocess.CompletedProcess:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     return subprocess.run([str(ROOT / "deploy" / "entrypoint.sh"), role], env=os.environ | {"PATH": path} | env,
                           capture_output=True, text=True, timeout=60)
-
-
-def one_line_error(done: subprocess.CompletedProcess, *expected: str) -> None:
-    assert done.returncode == 1, done.stdout + done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    for text in expected:
-        assert text in lines[0], lines[0]
 
 
 def test_certificate_for_another_host_fails_loudly(credentials, tmp_path):
