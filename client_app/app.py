@@ -71,8 +71,8 @@ def open_state(site: Site) -> None:
     spending, and starting a new empty ledger would reset the site's budget without anyone deciding so.
     """
     ledger = Ledger(site.ledger_path)
-    if ledger.initialised:
-        return
+    if ledger.initialised or ledger.path.exists():
+        return  # a ledger is there: training verifies it in full
     traces = [path.name for path in (site.egress_path, site.split_path) if path.exists()]
     if traces:
         raise StateError(f"{site.state_path}: {' and '.join(traces)} show earlier rounds but the privacy ledger is "

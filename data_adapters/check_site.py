@@ -18,6 +18,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from data_adapters.labels import SITE_FILE
+from fedcare.sites import site_policy_file
+
 __all__ = ["check_site_command", "cache_clear_command", "DEFAULT_CACHE_FOLDER"]
 
 DEFAULT_CACHE_FOLDER = "decode-cache"  # under the site's state path
@@ -40,6 +43,9 @@ def check_site_command(
     window: Optional[str] = typer.Option(None, "--window", help="Intensity window: a preset, 'minmax' or 'low,high' "
                                          "(default: the run config's)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Fill this decode cache while checking."),
+    site_settings: Optional[Path] = typer.Option(None, "--site-settings", exists=True, dir_okay=False,
+                                                 help="The site's own settings (a node config as TOML); default: "
+                                                 "site.toml in the folder, if there is one."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Check that a site's folder is ready to join: images, labels, de-identification, privacy cost.
@@ -49,11 +55,13 @@ def check_site_command(
     """
     from fedcare.config import RunConfig, load_preset
 
-    from .readiness import check_site
+    from .readiness import DEFAULT_POLICY, check_site
 
     run_config = load_preset(config) if config else RunConfig()
+    settings = site_settings or path / SITE_FILE
+    policy = site_policy_file(settings) if settings.is_file() else DEFAULT_POLICY
     result = check_site(path, labels, run_config, label_key=label_key, input_mode=input_mode,
-                        irregular=irregular, window=window, cache_dir=cache_dir)
+                        irregular=irregular, window=window, cache_dir=cache_dir, policy=policy)
     if as_json:
         typer.echo(json.dumps(result.report, indent=2, sort_keys=True))
     else:

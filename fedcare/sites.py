@@ -94,6 +94,15 @@ def site_from_settings(settings: Mapping[str, Any], source: str) -> Site:
     )
 
 
+def site_policy_file(path: Path) -> SitePolicy:
+    """The privacy policy in a site's settings file (site.toml, or a node config written as TOML)."""
+    try:
+        with open(path, "rb") as handle:
+            return SitePolicy.from_settings(tomllib.load(handle), str(path))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+
+
 def read_site_settings(folder: Path) -> dict[str, Any]:
     """The keys of a simulated site's `site.toml`; a missing or broken file stops with one line."""
     path = Path(folder) / SITE_FILE

@@ -40,8 +40,10 @@ def own_site(folder: Path, studies: tuple[str, ...], corrupt: bool = False) -> P
         shutil.copyfile(get_testdata_file("MR_truncated.dcm"), folder / "broken.dcm")
     uids = sorted(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
                   for path in folder.rglob("*") if path.is_file())
-    (folder / "labels.csv").write_text("SOPInstanceUID,label\n" + "".join(f"{uid},{i % 2}\n" for i, uid in enumerate(uids)))
-    (folder / "site.toml").write_text("budget-epsilon = 8.0\n")  # the site's own settings, as the README says
+    # As the README's trial: three patients in all, so each image is named its own pseudonymous patient.
+    (folder / "labels.csv").write_text("SOPInstanceUID,label,trial_patient\n"
+                                       + "".join(f"{uid},{i % 2},T{i}\n" for i, uid in enumerate(uids)))
+    (folder / "site.toml").write_text('budget-epsilon = 8.0\npatient-key = "trial_patient"\n')
     return folder
 
 

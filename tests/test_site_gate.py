@@ -56,9 +56,9 @@ def gated(tmp_path_factory):
     root = tmp_path_factory.mktemp("gated")
     write_demo_sites(root / "data", sites=3, seed=11, cases=[40, 50, 40])
     marker = root / "the-changed-line-ran"
-    no_mod = copy_project(root / "release-no-mod", "app = ClientApp(mods=[egress_log])",
-                          "app = ClientApp()  # no egress mod in this release: the site's gate logs anyway")
-    changed = copy_project(root / "changed", '''    """One round of local training on this site's data: DP-SGD unless the run switches it off."""\n''',
+    no_mod = copy_project(root / "release-no-mod", "app = ClientApp(mods=[site_guard, egress_log])",
+                          "app = ClientApp(mods=[site_guard])  # no egress mod in this release: the gate logs anyway")
+    changed = copy_project(root / "changed", '''    """One round of local training, if the site's policy allows what the run asks."""\n''',
                            f'''    """One round of local training."""\n    Path({str(marker)!r}).write_text("ran")\n''')
     out: dict = {"marker": marker, "digest": app_digest(ROOT), "no_mod_digest": app_digest(no_mod),
                  "changed_digest": app_digest(changed)}
