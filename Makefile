@@ -40,7 +40,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo-data: setup
-	@test -f $(DEMO_DATA)/$(DEMO_MARKER) || $(BIN)/fedcare demo-data --out $(DEMO_DATA) --sites 3 --task $(DEMO_TASK)
+	@test -f $(DEMO_DATA)/$(DEMO_MARKER) -a -f $(DEMO_DATA)/site-2/site.toml -a -f $(DEMO_DATA)/.fedcare-demo-sites \
+		|| $(BIN)/fedcare demo-data --out $(DEMO_DATA) --sites 3 --task $(DEMO_TASK) --overwrite
 
 demo: demo-data
 	$(BIN)/fedcare run --config $(DEMO_CONFIG) --sites 3 --fresh-sites

@@ -53,8 +53,8 @@ def dp_federation(quick: bool):
     return federation("demo-dp", demo_sites(quick), 3, dp_settings(quick))
 
 
-def _site_round(config: RunConfig, site: Site, weights: dict, server_round: int) -> tuple[dict, int]:
-    """What the ClientApp's train handler does for one site, without Flower."""
+def _site_round(config: RunConfig, site: Site, weights: dict, server_round: int) -> tuple[dict, int] | None:
+    """What the ClientApp's train handler does for one site, without Flower; None when the site refuses."""
     data = site_datasets(site.data_path, StoredSplit(site.split_path, site.policy.val_fraction), config.image_size)
     model = build_model(config)
     model.load_state_dict(weights)
@@ -67,6 +67,8 @@ def _site_round(config: RunConfig, site: Site, weights: dict, server_round: int)
         entries = ledger.entries()
         units = private_units(data.train, data.train_units, site.policy.privacy_unit)
         plan = plan_round(config, site, len(units), entries, "plain-loop")
+        if not plan.affordable:
+            return None
         _, record = train_private(model, units, config, plan, ledger.history(), proximal_mu)
         record_round(ledger, record, "plain-loop", server_round)
     return model.state_dict(), data.num_train
@@ -95,7 +97,8 @@ def plain_loop(config: RunConfig, sites: list[Site]) -> tuple[list[float], list[
     seconds, evaluations = [], []
     for server_round in range(1, config.num_server_rounds + 1):
         start = time.perf_counter()
-        weights = average([_site_round(config, site, weights, server_round) for site in sites])
+        updates = [_site_round(config, site, weights, server_round) for site in sites]
+        weights = average([update for update in updates if update is not None])
         evaluations = [_site_evaluate(config, site, weights) for site in sites]
         seconds.append(time.perf_counter() - start)
     return seconds, evaluations

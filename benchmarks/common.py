@@ -34,7 +34,7 @@ DEMO_SEED = 0
 # The demo preset's values with DP on (configs/demo.toml), minus its deliberately small site-0
 # budget: a benchmark measures training, not a refusal.
 DP_SETTINGS: dict[str, Any] = {
-    "local-epochs": 6, "batch-size": 32, "optimizer": "sgd", "learning-rate": 0.2, "dp": True,
+    "local-epochs": 8, "batch-size": 32, "optimizer": "sgd", "learning-rate": 0.1, "dp": True,
     "target-epsilon": 8.0, "max-grad-norm": 1.0,
 }
 # Each benchmark site's own settings (site.toml): a budget no benchmark exhausts, and consent to the

@@ -39,7 +39,7 @@ def demo_data(
 ) -> None:
     """Write real DICOM files and a labels.csv (or DICOM SEG masks) for each simulated hospital."""
     from data_adapters import write_demo_segmentation_sites, write_demo_sites
-    from data_adapters.labels import LABELS_FILENAME
+    from data_adapters.labels import LABELS_FILENAME, SITE_FILE
 
     if task not in ("classification", "segmentation"):
         raise FedcareError(f"--task {task!r} must be classification or segmentation")
@@ -50,7 +50,7 @@ def demo_data(
         folders = writer(out, sites=sites, seed=seed, cases=counts, overwrite=overwrite, policy=policy)
     table = Table("site", "folder", "DICOM files")
     for folder in folders:
-        images = sum(1 for p in folder.rglob("*") if p.is_file() and p.name != LABELS_FILENAME)
+        images = sum(1 for p in folder.rglob("*") if p.is_file() and p.name not in (LABELS_FILENAME, SITE_FILE))
         table.add_row(folder.name, str(folder), str(images))
     console.print(table)
 
