@@ -59,6 +59,11 @@ class Processes:
         for pid in tagged_pids(f"{self.tag}/{name}", exact=True):
             _kill(pid)
         process.wait()
+        # A helper in a session of its own (a site's ClientApp process) is killed above, but the kernel
+        # may take a moment to end it: return once nothing of `name` is left.
+        deadline = time.monotonic() + 10.0
+        while tagged_pids(f"{self.tag}/{name}", exact=True) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def stop_all(self) -> None:
         for name in reversed(list(self.started)):
