@@ -6,8 +6,9 @@ carries every case, one run after another:
 
   A  the project as approved at every site: trains to completion; "site-2" runs with its own
      registered key but claims to be site-0, and is filed and flagged as site-2;
-  B  site-1's ledger restored from a backup older than A, and a release without the bundle's egress
-     mod (approved): trains, the gate still logs every reply, site-1's shrunk history is flagged;
+  B  site-1's ledger restored from a backup older than A (started anew by its operator), and a
+     release without the bundle's egress mod (approved): trains, the gate still logs every reply,
+     site-1's shrunk history is flagged;
   C  the project with one changed line in client_app/app.py (it would write a file): every site
      refuses it, the changed line never runs;
   D  the approved project again after the sites revoked it: refused.
@@ -80,6 +81,10 @@ def gated(tmp_path_factory):
         out["A"] = federation.run(2, settings)
         for name in ("ledger.jsonl", "ledger.head.json"):  # the "backup" predates run A: no ledger yet
             (federation.site_state("site-1") / name).unlink()
+        # The site refuses to train on a vanished ledger until its operator starts one on purpose.
+        restored = subprocess.run([FEDCARE, "ledger-init", str(federation.site_state("site-1")), "--lost"],
+                                  capture_output=True, text=True, timeout=60)
+        assert restored.returncode == 0, restored.stderr
         out["B"] = federation.run(1, settings, project=no_mod)
         # C and D stop at round 1 (every site refuses): no need to follow their logs to the end.
         out["C"] = federation.run(1, settings, project=changed, stream=False)

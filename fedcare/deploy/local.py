@@ -114,7 +114,7 @@ class LocalFederation:
         when the SuperLink marks the run finished, about a minute later."""
         outputs = self.root / "runs"
         values = QUICK_RUN | dict(settings or {}) | {"num-server-rounds": rounds, "outputs-dir": str(outputs)}
-        before = _latest(outputs)
+        before = _run_folders(outputs)
         project = Path(project or self.project)
         command = [str(Path(sys.executable).with_name("flwr")), "run", str(project), CONNECTION,
                    *(["--stream"] if stream else []),
@@ -123,14 +123,15 @@ class LocalFederation:
             status = subprocess.run(command, cwd=project, env=flwr_env(self.home), stdout=log,
                                     stderr=subprocess.STDOUT).returncode
         deadline = time.monotonic() + (0 if stream else timeout)
-        while _latest(outputs) == before and time.monotonic() < deadline:
+        while not _run_folders(outputs) - before and time.monotonic() < deadline:
             time.sleep(1.0)
-        after = _latest(outputs)
-        # `flwr run` exits 0 even when the run failed: the published run folder is the evidence.
-        if after is None or after == before:
+        # `flwr run` exits 0 even when the run failed: the run folder it wrote is the evidence (a run
+        # stopped before any round completes has one too, but it never becomes `latest`).
+        new = sorted(_run_folders(outputs) - before, key=lambda folder: folder.stat().st_mtime)
+        if not new:
             raise FedcareError(f"the federated run did not complete (flwr exit status {status}); see "
                                f"{self.logs / 'flwr-run.log'} and {self.logs / 'coordinator.log'}")
-        return after
+        return new[-1]
 
     def _entrypoint(self) -> str:
         return str(self.project / "deploy" / "entrypoint.sh")
@@ -193,6 +194,7 @@ def _text(path: Path) -> str:
         return ""
 
 
-def _latest(outputs: Path) -> Path | None:
-    link = outputs / "latest"
-    return link.resolve() if link.is_symlink() else None
+def _run_folders(outputs: Path) -> set[Path]:
+    """The run folders under `outputs`: each holds the metrics.json its ServerApp wrote."""
+    return {path.parent.resolve() for path in outputs.glob("*/metrics.json")
+            if not path.parent.is_symlink() and not path.parent.name.startswith(".")}  # not latest, not a partial one
