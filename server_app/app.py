@@ -44,10 +44,10 @@ def main(grid: Grid, context: Context) -> None:
         if config.dp:
             check_private_trainable(model)  # once, before any site spends budget on it
         strategy = make_strategy(config)
-        checkpoints = Checkpoints(Path(config.outputs_dir) / "checkpoint")
+        checkpoints = Checkpoints(Path(config.outputs_dir), str(context.run_id))
         initial = ArrayRecord(model.state_dict())
         if config.resume:
-            initial = checkpoints.restore(strategy, set(model.state_dict()))
+            initial = checkpoints.restore(strategy, set(model.state_dict()), config.resume)
         remaining = config.num_server_rounds - strategy.round_offset
         if remaining <= 0:
             raise FedcareError(f"the checkpoint is at round {strategy.round_offset}; set num-server-rounds "
@@ -79,7 +79,7 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     """Write every output of the run into its folder, then move the folder into place."""
     folder = RunFolder(Path(config.outputs_dir), run_id)
     torch.save(checkpoints.arrays.to_torch_state_dict(), folder.path("global_model.pt"))
-    # The checkpoint folder outlives runs: only a best model scored in this run (or the one it resumed) is its own.
+    # Only a best model scored in this run (or the one it resumed) is its own.
     has_best = checkpoints.best_auc > float("-inf") and checkpoints.best_path.is_file()
     if has_best:
         shutil.copyfile(checkpoints.best_path, folder.path("best_model.pt"))
@@ -88,14 +88,19 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
         flags += check_and_remember(Path(config.outputs_dir), strategy.log.privacy, run_id)
     document = metrics_document(config.to_dict(), strategy.log.rounds, strategy.log.seconds)
     failed = failed_every_round(document)
-    document.update(resumed_from_round=resumed_from, stopped=stopped, flags=flags, failed_every_round=failed)
+    document.update(resumed_from_round=resumed_from, resumed_run=checkpoints.resumed_run,
+                    checkpoint=str(checkpoints.folder.relative_to(config.outputs_dir)), stopped=stopped, flags=flags,
+                    failed_every_round=failed)
     folder.write_json("metrics.json", document)
     folder.path("metrics.png").write_bytes(metrics_plot(document))
     write_privacy_report(folder.staging, privacy_report_data(strategy.log.privacy, strategy.log.rounds, run_id,
-                                                             config.dp) | {"flags": flags})
+                                                             config.dp, resumed_from) | {"flags": flags})
     notes = [
         f"Strategy: {config.strategy}; rounds {resumed_from + 1} to {config.num_server_rounds}"
-        + (f" (resumed from the checkpoint at round {resumed_from})" if resumed_from else ""),
+        + (f" (resumed run {checkpoints.resumed_run} from its checkpoint at round {resumed_from})"
+           if checkpoints.resumed_run else ""),
+        f"Checkpoint: {checkpoints.folder.relative_to(config.outputs_dir)} under the outputs folder; "
+        f"continue this run with resume = \"{run_id}\"",
         "Differential privacy: " + ("on (DP-SGD on every site); see privacy_report.md" if config.dp
                                     else "OFF: no formal privacy guarantee; see privacy_report.md"),
     ]

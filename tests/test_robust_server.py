@@ -51,15 +51,15 @@ def test_too_few_sites_stop_the_run_with_a_checkpoint_then_resume(data, tmp_path
                                        "optimizer": "sgd", "learning-rate": 0.1})
     first = run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr", overrides=base)
     assert [r["round"] for r in metrics(first)["rounds"]] == [1, 2]
-    checkpoint = torch.load(tmp_path / "out" / "checkpoint" / "checkpoint.pt", weights_only=False)
-    assert checkpoint["round"] == 2
+    checkpoint = torch.load(tmp_path / "out" / "checkpoints" / first.name / "checkpoint.pt", weights_only=False)
+    assert checkpoint["round"] == 2 and metrics(first)["checkpoint"] == f"checkpoints/{first.name}"
     assert (first / "best_model.pt").is_file() and (first / "metrics.png").is_file()
 
     resumed = run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr",
-                             overrides=base | {"num-server-rounds": 4, "resume": True})
+                             overrides=base | {"num-server-rounds": 4, "resume": first.name})
     document = metrics(resumed)
     assert [r["round"] for r in document["rounds"]] == [1, 2, 3, 4]
-    assert document["resumed_from_round"] == 2
+    assert document["resumed_from_round"] == 2 and document["resumed_run"] == first.name
     for site in ("site-0", "site-1"):
         rounds = [e.round for e in Ledger(tmp_path / "sites" / site / "ledger.jsonl").entries()]
         assert rounds == [1, 2, 3, 4]  # one entry per trained round, none repeated, none lost
@@ -71,12 +71,14 @@ def test_too_few_sites_stop_the_run_with_a_checkpoint_then_resume(data, tmp_path
     (broken / "site-1" / "labels.csv").unlink()
     with pytest.raises(FedcareError, match="stopped early"):  # check=False: the site, not the runner, refuses
         run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr", check=False,
-                       overrides=base | {"num-server-rounds": 5, "resume": True, "data-root": str(broken)})
+                       overrides=base | {"num-server-rounds": 5, "resume": resumed.name, "data-root": str(broken)})
     # The stopped run completed no round of its own: its folder is kept, but latest is still the resumed run.
     assert (tmp_path / "out" / "latest").resolve() == resumed
-    [stopped] = [p for p in (tmp_path / "out").iterdir() if p.name not in ("latest", "checkpoint", resumed.name,
+    [stopped] = [p for p in (tmp_path / "out").iterdir() if p.name not in ("latest", "checkpoints", resumed.name,
                                                                             first.name) and (p / "metrics.json").is_file()]
     document = metrics(stopped)
     assert "min-sites is 2" in document["stopped"]
     assert document["rounds"][-1]["sites"]["site-1"]["train_status"] == "failed"
-    assert torch.load(tmp_path / "out" / "checkpoint" / "checkpoint.pt", weights_only=False)["round"] == 4
+    # Each run wrote its own checkpoint; the stopped one's is at round 4, where it continued the resumed run.
+    assert torch.load(tmp_path / "out" / "checkpoints" / stopped.name / "checkpoint.pt", weights_only=False)["round"] == 4
+    assert torch.load(tmp_path / "out" / "checkpoints" / first.name / "checkpoint.pt", weights_only=False)["round"] == 2
