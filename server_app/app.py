@@ -3,6 +3,7 @@ their checked updates with the configured strategy, checkpoints every round, and
 folder (models, metrics, summary, plot, privacy report).
 
 The server never sees a site's data or its ledger: only weights and the numbers sites reply with.
+Its log lines go through Flower's console handler, the one whose output `flwr run --stream` shows.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import console_handler
 from flwr.serverapp import Grid, ServerApp
 
 from fedcare.config import RunConfig
@@ -31,9 +33,24 @@ app = ServerApp()
 log = logging.getLogger("fedcare.server")
 
 
+def stream_log() -> None:
+    """Send fedcare.server's lines to Flower's console handler, once.
+
+    The ServerApp process mirrors its stdout to the SuperLink, which is what `flwr run --stream`
+    prints; Flower's handler writes there, but only for the `flwr` logger. Without a handler of its
+    own this logger's INFO lines are dropped; not propagating keeps them from printing twice where
+    the root logger has a handler too.
+    """
+    if console_handler not in log.handlers:
+        log.addHandler(console_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation up to `num-server-rounds` and publish the run folder."""
+    stream_log()
     try:
         config = RunConfig.from_mapping(context.run_config)
         # The run-level readiness rules, so that a plain `flwr run` stops here too, not at every site.
@@ -65,11 +82,14 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=checkpoints.after_round(strategy, config.to_dict()),
         )
     except TooFewSites as err:
-        stopped = str(err)
-        log.error("run stopped: %s", err)
+        stopped = f"{err}; the run stopped at the last completed round"
+        if err.resumable:
+            stopped += f" and can continue with resume = \"{context.run_id}\""
+        log.error("run stopped: %s", stopped)
 
     final = publish(str(context.run_id), config, strategy, checkpoints, resumed_from, stopped)
-    log.info("Run folder: %s (global_model.pt, metrics.json, summary.md, privacy_report.*)", final.resolve())
+    written = ", ".join(sorted(path.name for path in final.iterdir()))
+    log.info("Run folder: %s (%s); checkpoint: %s", final.resolve(), written, checkpoints.folder.resolve())
     if stopped:
         raise SystemExit(1)
 
