@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
-from flwr.common.logger import console_handler
+from flwr.common.logger import FLOWER_LOGGER, console_handler
 from flwr.serverapp import Grid, ServerApp
 
 from fedcare.config import RunConfig
@@ -31,6 +31,13 @@ from server_app.strategies import TooFewSites, make_strategy
 
 app = ServerApp()
 log = logging.getLogger("fedcare.server")
+# Flower's count of the replies the guarded strategy passed on: after the update checks it counts
+# only accepted ones ("2 results and 0 failures" when a site failed), so the lines per site replace it.
+FLOWER_REPLY_COUNT = "%s: Received %s results and %s failures"
+
+
+def _not_flowers_reply_count(record: logging.LogRecord) -> bool:
+    return record.msg != FLOWER_REPLY_COUNT
 
 
 def stream_log() -> None:
@@ -43,6 +50,8 @@ def stream_log() -> None:
     """
     if console_handler not in log.handlers:
         log.addHandler(console_handler)
+    if _not_flowers_reply_count not in FLOWER_LOGGER.filters:
+        FLOWER_LOGGER.addFilter(_not_flowers_reply_count)
     log.setLevel(logging.INFO)
     log.propagate = False
 
