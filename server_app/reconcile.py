@@ -11,7 +11,9 @@ between; any more were charged without this run hearing of them:
 - anything else: another run's round on the same ledger between the two replies.
 
 Without a later reply nothing can be reconciled: a site whose last reply of the run was lost may
-hold a charge the report cannot see, and the report says so.
+hold a charge the report cannot see, and the report says so. Nor without an earlier one: the
+history does not say which run charged an event, so a charge before the site's first received
+reply of the run (its first round's reply lost) cannot be told from earlier runs' rounds.
 """
 
 from __future__ import annotations
