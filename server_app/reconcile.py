@@ -1,19 +1,18 @@
 """Every round a site's ledger charged, matched against the replies this run received.
 
 A site sends its whole lifetime history (one DP-SGD event per charged round) with each train
-reply. Between two replies of one run the history grows by exactly the rounds the site charged in
-between; any more were charged without this run hearing of them:
+reply, and for each event the round of this run that charged it (0 for another run's). Any event
+no received reply accounts for is explained:
 
-- a round the site recorded but whose reply never arrived (the site or its link died after the
+- an event of this run whose round's reply never arrived (the site or its link died after the
   ledger write): "charged, reply lost";
-- the first round after a resume, which the stopped run had already trained at the site before it
-  was stopped: that round was charged twice, both trainings real;
-- anything else: another run's round on the same ledger between the two replies.
+- an event of another run just before the first round after a resume: the stopped run had already
+  trained that round at the site before it was stopped, so the round was charged twice, both
+  trainings real;
+- any other event of another run between two replies of this one: that run's round on the same ledger.
 
-Without a later reply nothing can be reconciled: a site whose last reply of the run was lost may
-hold a charge the report cannot see, and the report says so. Nor without an earlier one: the
-history does not say which run charged an event, so a charge before the site's first received
-reply of the run (its first round's reply lost) cannot be told from earlier runs' rounds.
+A site whose last reply of the run was lost may hold a charge the report cannot see, and the report
+says so. A site that sends no run rounds (an older ClientApp) is matched by history length only.
 """
 
 from __future__ import annotations
@@ -40,6 +39,11 @@ def _charged(numbers: dict[str, Any]) -> bool:
     return numbers.get("status") == "ok" and numbers.get("mechanism") == DP_SGD
 
 
+def _run_rounds(numbers: dict[str, Any], length: int) -> list[int] | None:
+    rounds = numbers.get("history-run-round")
+    return [int(r) for r in rounds] if rounds is not None and len(rounds) == length else None
+
+
 def extra_charges(privacy: dict[int, dict[str, dict[str, Any]]], rounds: dict[int, dict[str, dict[str, Any]]],
                   site: str, resumed_from: int) -> tuple[list[dict[str, Any]], list[int]]:
     """The site's charges no received reply accounts for, as report round rows with a `note`, and the
@@ -51,21 +55,34 @@ def extra_charges(privacy: dict[int, dict[str, dict[str, Any]]], rounds: dict[in
     replies = sorted((r, sites[site]) for r, sites in privacy.items() if site in sites
                      and _history(sites[site]) is not None)
     rows: list[dict[str, Any]] = []
-    for (previous, before), (current, after) in zip(replies, replies[1:]):
-        old, new = _history(before), _history(after)
-        extra = new[len(old): len(new) - _charged(after)]
-        if len(new) < len(old) or not extra:
-            continue  # a shorter history is a ledger problem the site itself reports, not a charge
+    previous, old = 0, None
+    for current, after in replies:
+        new = _history(after)
+        run_rounds = _run_rounds(after, len(new))
+        start = len(old) if old is not None else 0
+        if old is None and run_rounds is None:
+            previous, old = current, new  # nothing tells this run's events from earlier runs'
+            continue
+        if len(new) < start:
+            previous, old = current, new  # a shorter history is a ledger problem the site itself reports
+            continue
         lost = [r for r in range(previous + 1, current) if site not in privacy.get(r, {})]
-        notes = [(r, LOST) for r in lost]
-        if previous <= resumed_from < current:
-            notes.append((resumed_from + 1, TWICE))
-        for index, event in enumerate(extra):
-            attributed, note = notes[index] if index < len(notes) else (current, ELSEWHERE)
-            cumulative = accounting.epsilon(new[: len(old) + index + 1], after["delta"], after["accountant"])
-            rows.append({"round": attributed, "sample_rate": event[1], "noise_multiplier": event[0],
-                         "steps": event[2], "max_grad_norm": after["max_grad_norm"], "epsilon": cumulative,
-                         "mechanism": DP_SGD, "note": note, "before": current})
+        twice = previous <= resumed_from < current and old is not None
+        for index in range(start, len(new) - _charged(after)):
+            if run_rounds is not None:
+                note = (run_rounds[index], LOST) if run_rounds[index] else None
+                if note is None and old is None:
+                    continue  # an earlier run's event, before this run began
+            else:
+                note = (lost.pop(0), LOST) if lost else None
+            if note is None:
+                note, twice = ((resumed_from + 1, TWICE) if twice else (current, ELSEWHERE)), False
+            sigma, rate, steps = new[index]
+            rows.append({"round": note[0], "sample_rate": rate, "noise_multiplier": sigma, "steps": steps,
+                         "max_grad_norm": after["max_grad_norm"], "mechanism": DP_SGD, "note": note[1],
+                         "epsilon": accounting.epsilon(new[: index + 1], after["delta"], after["accountant"]),
+                         "before": current})
+        previous, old = current, new
     last_reply = replies[-1][0] if replies else 0
     unseen = [r for r in sorted(rounds) if r > last_reply
               and rounds[r].get(site, {}).get("train_status") == "failed"]

@@ -3,7 +3,11 @@ privacy report that explains every round a site's ledger charged (lost replies, 
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from client_app.app import app as client_app
+from data_adapters import write_demo_sites
+from fedcare.egress import ModelShapes, audit
 
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
@@ -76,10 +80,11 @@ def test_resume_true_is_refused_in_one_line_and_false_means_afresh():
     assert RunConfig.from_mapping({"resume": "1234"}).resume == "1234"
 
 
-def reply(history_length: int, status: str = "ok") -> dict:
-    """A site's train-reply privacy record after a round, with `history_length` charged rounds in its ledger."""
+def reply(history_length: int, status: str = "ok", run_rounds: list[int] | None = None) -> dict:
+    """A site's train-reply privacy record after a round, with `history_length` charged rounds in its ledger
+    (and, from a ClientApp that sends them, the round of this run that charged each, 0 for another run's)."""
     history = [(SIGMA, Q, STEPS)] * history_length
-    return {
+    return ({"history-run-round": run_rounds} if run_rounds is not None else {}) | {
         "mechanism": DP_SGD, "privacy_unit": "patient", "population": 100, "sample_rate": Q,
         "noise_multiplier": SIGMA, "steps": STEPS, "max_grad_norm": 1.0, "delta": DELTA, "accountant": "rdp",
         "epsilon": accounting.epsilon(history, DELTA, "rdp"), "budget_epsilon": 50.0, "delta_rule": "site's own",
@@ -123,3 +128,33 @@ def test_a_run_without_lost_replies_or_resumes_has_no_notes():
     site = privacy_report_data(privacy, rounds, "run-1", True)["sites"]["site-0"]
     assert [row["round"] for row in site["rounds"]] == [1, 2, 3]
     assert not any("note" in row for row in site["rounds"]) and site["unseen_rounds"] == []
+
+
+def test_a_lost_first_reply_is_named_from_the_rounds_the_site_says_this_run_charged():
+    # The ledger held one event of an earlier run; this run's round 1 was recorded, its reply lost.
+    privacy = {2: {"site-0": reply(3, run_rounds=[0, 1, 2])}, 3: {"site-0": reply(4, run_rounds=[0, 1, 2, 3])}}
+    rounds = {1: {"site-0": {"train_status": "failed"}}} | {r: {"site-0": {"train_status": "ok"}} for r in privacy}
+    site = privacy_report_data(privacy, rounds, "run-2", True)["sites"]["site-0"]
+    assert [(row["round"], row.get("note")) for row in site["rounds"]] == [(1, LOST), (2, None), (3, None)]
+    assert site["rounds"][0]["epsilon"] == pytest.approx(accounting.epsilon([(SIGMA, Q, STEPS)] * 2, DELTA, "rdp"))
+
+
+def site_train(data, state, run_id: int) -> Message:
+    """Round 1 of run `run_id` at one real site, through the ClientApp and its egress log."""
+    content = RecordDict({"arrays": ArrayRecord(build_model(CONFIG).state_dict()),
+                          "config": ConfigRecord({"server-round": 1})})
+    metadata = Metadata(run_id=run_id, message_id=f"t{run_id}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
+                        group_id="1", created_at=0.0, ttl=600.0, message_type="train")
+    context = Context(run_id=run_id, node_id=5, state=RecordDict(),
+                      run_config={"num-server-rounds": 2, "batch-size": 16, "target-epsilon": 4.0},
+                      node_config={"site-name": "north", "data-path": str(data), "state-path": str(state),
+                                   "budget-epsilon": 50.0})
+    return client_app(Message(content, metadata=metadata), context)
+
+
+def test_a_train_reply_names_the_rounds_of_its_own_run_and_passes_the_egress_audit(tmp_path):
+    write_demo_sites(tmp_path / "data", sites=1, seed=6, cases=[40])
+    site_train(tmp_path / "data" / "site-0", tmp_path / "state", run_id=21)
+    second = site_train(tmp_path / "data" / "site-0", tmp_path / "state", run_id=22)
+    assert list(second.content["privacy"]["history-run-round"]) == [0, 1]  # run 21's round, then its own
+    assert audit(tmp_path / "state" / "egress.jsonl", ModelShapes()).clean

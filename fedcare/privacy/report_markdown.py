@@ -170,7 +170,8 @@ ASSUMPTIONS_TEMPLATE = """## Assumptions the guarantee rests on
 RELEASES = """## What left each site
 
 Model weights and numbers only: the sample rate q, the noise multiplier σ, the number of steps, the clipping norm C,
-ε and δ, and validation metrics. The exact training loss never leaves a site (it stays in the site's own log).
+ε and δ (for every round in the site's lifetime history, with the number of the round of this run that charged it),
+and validation metrics. The exact training loss never leaves a site (it stays in the site's own log).
 No images, labels or patient identifiers left any site.
 """
 
