@@ -152,4 +152,6 @@ def test_the_servers_lines_go_once_through_flowers_console_handler():
     assert "round 1 north: trained; epsilon spent 1.25 of budget 8.00; val AUC 0.800" in lines[0]
     assert "round 1 south: failed (south: the site stopped on an error)" in lines[1]
     assert "round 1 all sites: weighted val AUC 0.800 over 10 validation case(s)" in lines[2]
-    logging.getLogger("fedcare.server").handlers.remove(console_handler)
+    server_log.handlers.remove(console_handler)  # as the ServerApp process found it, for the tests after this one
+    server_log.propagate = True
+    flower.filters.clear()
