@@ -27,8 +27,9 @@ from fedcare.egress import count_replies
 from fedcare.errors import StateError
 from fedcare.model import build_model, check_private_trainable
 from fedcare.privacy.dpsgd import RoundPlan, plan_release_without_dp, plan_round, record_round, train_private
-from fedcare.privacy.ledger import Ledger, private_history
+from fedcare.privacy.ledger import Ledger, LedgerEntry, private_history
 from fedcare.privacy.randomness import reseed_global
+from fedcare.privacy.record import PrivacyRecord
 from fedcare.privacy.units import private_units
 from fedcare.readiness import SiteCounts, require_site_ready
 from fedcare.segmentation import evaluate_segmentation, evaluate_volumes
@@ -143,13 +144,13 @@ def train_within_budget(msg: Message, work: Work, ledger: Ledger, data: SiteData
     history = private_history(entries)
     if not plan.affordable:
         log.warning("%s round %d refused: %s", site.name, work.server_round, plan.refusal)
-        return _privacy_reply(msg, work, plan.reply_fields() | _history_lists(history))
+        return _privacy_reply(msg, work, plan.reply_fields() | _history_lists(entries, work.run_id))
     loss, record = train_private(work.model, units, work.config, plan, history, proximal_mu)
     record_round(ledger, record, work.run_id, work.server_round)
     log.info("%s round %d trained: loss %.4f, epsilon %.3f of %.3f", site.name, work.server_round, loss,
              record.epsilon, record.budget_epsilon)
     reply = RoundPlan(record, plan.delta_rule, plan.epsilon_before).reply_fields()
-    return _update(msg, work, data, reply | _history_lists([*history, record.event]))
+    return _update(msg, work, data, reply | _history_lists(entries, work.run_id, (record, work.server_round)))
 
 
 def train_without_dp(msg: Message, work: Work, ledger: Ledger, data: SiteDatasets, proximal_mu: float) -> Message:
@@ -157,12 +158,12 @@ def train_without_dp(msg: Message, work: Work, ledger: Ledger, data: SiteDataset
     entries = ledger.entries()
     plan = plan_release_without_dp(work.config, work.site, len(set(data.train_units)) or data.num_train, entries)
     if not plan.affordable:
-        return _privacy_reply(msg, work, plan.reply_fields() | _history_lists(private_history(entries)))
+        return _privacy_reply(msg, work, plan.reply_fields() | _history_lists(entries, work.run_id))
     loss = train_plain(work.model, data.train, work.config, proximal_mu)
     record_round(ledger, plan.record, work.run_id, work.server_round)
     log.warning("%s round %d trained WITHOUT DP (allowed by the site's policy): loss %.4f; the release is unbounded",
                 work.site.name, work.server_round, loss)
-    return _update(msg, work, data, plan.reply_fields() | _history_lists(private_history(entries)))
+    return _update(msg, work, data, plan.reply_fields() | _history_lists(entries, work.run_id))
 
 
 @app.evaluate()
@@ -224,12 +225,19 @@ def _site_record(site: Site) -> ConfigRecord:
     return ConfigRecord({"name": site.name})
 
 
-def _history_lists(history: list[tuple[float, float, int]]) -> dict[str, list]:
-    # The whole lifetime history as plain numbers, so the server can re-check epsilon independently.
+def _history_lists(entries: list[LedgerEntry], run_id: str,
+                   charged: tuple[PrivacyRecord, int] | None = None) -> dict[str, list]:
+    """The whole lifetime history as plain numbers, so the server can re-check epsilon independently;
+    and for each event the round of this run that charged it (0: another run's), so the server can
+    name a round the site charged whose reply never arrived. `charged`: this round, just recorded."""
+    events = [(entry.event, entry.round if entry.run_id == run_id else 0) for entry in entries if entry.private]
+    if charged is not None and charged[0].private:
+        events.append((charged[0].event, charged[1]))
     return {
-        "history-noise-multiplier": [float(sigma) for sigma, _, _ in history],
-        "history-sample-rate": [float(q) for _, q, _ in history],
-        "history-steps": [int(steps) for _, _, steps in history],
+        "history-noise-multiplier": [float(sigma) for (sigma, _, _), _ in events],
+        "history-sample-rate": [float(q) for (_, q, _), _ in events],
+        "history-steps": [int(steps) for (_, _, steps), _ in events],
+        "history-run-round": [int(number) for _, number in events],
     }
 
 

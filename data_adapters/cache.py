@@ -7,23 +7,30 @@ round reads a handful of files instead of decoding thousands. Content digests ar
 (path, size, mtime), so an unchanged site is not even re-read to find its keys.
 
 The folder holds only what this module writes, marked by a CACHEDIR.TAG; `clear` removes it.
+
+The cache only ever makes a site faster: a write that fails (disk full, a read-only folder) logs a
+warning in the site's own log and the site goes on without caching, never failing its round.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from fedcare.errors import SiteDataError
 
-__all__ = ["DecodeCache", "content_digest", "sample_key", "clear_cache", "prepare_cache_dir"]
+__all__ = ["DecodeCache", "content_digest", "sample_key", "clear_cache", "prepare_cache_dir", "usable_cache_dir",
+           "write_or_warn"]
+
+log = logging.getLogger("fedcare.site")  # the site's own log: it never leaves the site
 
 _TAG_NAME = "CACHEDIR.TAG"
 # The standard signature (bford.info/cachedir) that backup tools recognise and skip.
@@ -50,10 +57,35 @@ def _read_json(path: Path) -> dict:
         return {}  # missing or damaged: the cache only gets slower, never wrong
 
 
+def write_atomic(path: Path, tmp: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)`, then rename it to `path`; a failed write leaves no partial file behind."""
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save would add ".npy" to a path
+        np.save(handle, array)
+
+
+def write_or_warn(root: Path, write: Callable[[], None]) -> bool:
+    """Run one cache write; when the disk refuses it, warn in the site's log and return False."""
+    try:
+        write()
+    except OSError as exc:
+        log.warning("decode cache %s cannot be written (%s): going on without caching; free space there or "
+                    "make it writable to keep decoded images for the next round", root, exc.strerror or exc)
+        return False
+    return True
+
+
 def _write_json(path: Path, document: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, path.with_name(f".{path.name}.{os.getpid()}.tmp"),
+                 lambda tmp: tmp.write_text(json.dumps(document), encoding="utf-8"))
 
 
 def prepare_cache_dir(root: Path) -> Path:
@@ -71,13 +103,29 @@ def prepare_cache_dir(root: Path) -> Path:
     return root
 
 
+def usable_cache_dir(root: Path) -> Path | None:
+    """The prepared cache folder, or None (with a warning in the site's log) when it cannot be written."""
+    try:
+        return prepare_cache_dir(root)
+    except SiteDataError as err:
+        log.warning("%s; going on without the decode cache", err)
+        return None
+
+
 class DecodeCache:
-    """Content-addressed arrays under `root`; every array of one batch has the same frame shape."""
+    """Content-addressed arrays under `root`; every array of one batch has the same frame shape.
+
+    Reads go on from whatever the folder holds; after the first failed write no more are tried."""
 
     def __init__(self, root: Path) -> None:
-        self.root = prepare_cache_dir(root)
+        prepared = usable_cache_dir(root)
+        self.root = Path(root)
+        self.writable = prepared is not None
         self._table: dict[str, list] = _read_json(self.root / _TABLE)
         self._batches: dict[str, np.ndarray] = {}
+
+    def _write(self, write: Callable[[], None]) -> None:
+        self.writable = self.writable and write_or_warn(self.root, write)
 
     # ---- content digests, remembered by (size, mtime) per folder ----
 
@@ -90,7 +138,8 @@ class DecodeCache:
         return _read_json(self._digest_file(folder))
 
     def save_digests(self, folder: Path, digests: dict[str, list]) -> None:
-        _write_json(self._digest_file(folder), digests)
+        if self.writable:
+            self._write(lambda: _write_json(self._digest_file(folder), digests))
 
     # ---- arrays ----
 
@@ -109,18 +158,17 @@ class DecodeCache:
 
     def put_many(self, arrays: dict[str, np.ndarray]) -> None:
         """Store arrays of shape [n, ...] (n may differ) in one batch file per frame shape."""
+        if arrays and self.writable:
+            self._write(lambda: self._put_many(arrays))
+
+    def _put_many(self, arrays: dict[str, np.ndarray]) -> None:
         by_shape: dict[tuple, list[tuple[str, np.ndarray]]] = {}
         for key, array in arrays.items():
             by_shape.setdefault(array.shape[1:], []).append((key, array))
-        if not by_shape:
-            return
         for items in by_shape.values():
             batch = f"batch-{secrets.token_hex(8)}.npy"
             stacked = np.concatenate([np.asarray(a, dtype=np.float32) for _, a in items])
-            tmp = self.root / f".{batch}.tmp"
-            with open(tmp, "wb") as fh:
-                np.save(fh, stacked)
-            os.replace(tmp, self.root / batch)
+            write_atomic(self.root / batch, self.root / f".{batch}.tmp", lambda tmp: _save_array(tmp, stacked))
             start = 0
             for key, array in items:
                 self._table[key] = [batch, start, len(array)]

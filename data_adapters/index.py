@@ -19,7 +19,7 @@ from typing import Callable
 
 from fedcare.errors import SiteDataError
 
-from .cache import prepare_cache_dir
+from .cache import usable_cache_dir, write_atomic, write_or_warn
 from .labels import SITE_FILE
 from .decode import quiet
 from .headers import MEDIA_DIRECTORY, InstanceHeader, Unusable, read_header
@@ -89,9 +89,9 @@ def _load_cache(path: Path | None) -> dict[str, list]:
 
 
 def _save_cache(path: Path, entries: dict[str, list]) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"version": _INDEX_VERSION, "entries": entries}), encoding="utf-8")
-    os.replace(tmp, path)
+    document = json.dumps({"version": _INDEX_VERSION, "entries": entries})
+    write_or_warn(path.parent, lambda: write_atomic(path, path.with_suffix(f".tmp{os.getpid()}"),
+                                                    lambda tmp: tmp.write_text(document, encoding="utf-8")))
 
 
 Reader = Callable[[Path, str], "InstanceHeader | None"]
@@ -128,7 +128,8 @@ def index_site(
     if not folder.is_dir():
         state = "is not a folder" if folder.exists() else "does not exist"
         raise SiteDataError(f"data folder {folder} {state}: point the site at the folder that holds its DICOM files")
-    cache_file = _cache_path(prepare_cache_dir(cache_dir), folder) if cache_dir is not None else None
+    usable = usable_cache_dir(cache_dir) if cache_dir is not None else None
+    cache_file = _cache_path(usable, folder) if usable is not None else None
     cached = _load_cache(cache_file)
     entries: dict[str, list] = {}
     index = SiteIndex(root=folder)

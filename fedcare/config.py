@@ -73,7 +73,8 @@ class RunConfig:
     server_learning_rate: float = 0.01
     trim_fraction: float = 0.2
     max_update_norm_ratio: float = 10.0
-    resume: bool = False
+    # The run id whose checkpoint (outputs-dir/checkpoints/<run-id>) this run continues; "": afresh.
+    resume: str = ""
     dp: bool = True
     noise_multiplier: float = 0.0
     target_epsilon: float = 8.0
@@ -93,6 +94,8 @@ class RunConfig:
                     f"run config: unknown key '{key}'; known keys: "
                     + ", ".join(sorted(k.replace("_", "-") for k in known))
                 )
+            if name == "resume" and isinstance(value, bool):
+                value = _resume_flag(value)
             kwargs[name] = _coerce(key, value, type(getattr(cls, name)))
         config = cls(**kwargs)
         config._check()
@@ -190,6 +193,16 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     raise ConfigError(
         f"run config: '{key}' = {value!r} must be of type {kind.__name__}"
     )
+
+
+def _resume_flag(value: bool) -> str:
+    # Before runs had their own checkpoints, `resume = true` took whatever checkpoint was there, even
+    # another run's; now the run is named, and `false` keeps meaning "afresh".
+    if value:
+        raise ConfigError("run config: 'resume' = true no longer picks a checkpoint: name the run to continue, "
+                          "resume = \"<run-id>\" (its checkpoint is outputs-dir/checkpoints/<run-id>), or "
+                          "resume = \"\" to start afresh")
+    return ""
 
 
 def _fail(name: str, value: Any, rule: str) -> None:

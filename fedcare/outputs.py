@@ -1,5 +1,9 @@
 """The run folder: `outputs/<run-id>/` with the global model, metrics.json and summary.md.
 
+Each run also has its own checkpoint folder, `outputs/checkpoints/<run-id>/`, written after every
+round while the run folder is still staged; `resume = "<run-id>"` names the run to continue, so two
+runs at once never share, overwrite or continue each other's checkpoint.
+
 Everything is written into a hidden staging folder first and renamed into place at the end, and
 `outputs/latest` is swapped atomically, so a reader never sees a half-written run.
 """
@@ -17,11 +21,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedcare.errors import ConfigError
+
 # Every validation metric a site may report, in table order: classification sends loss, accuracy
 # and AUC; segmentation sends loss and Dice. The headline is the first of HEADLINE a run has.
 METRICS = ("loss", "accuracy", "auc", "dice")
 HEADLINE = ("auc", "dice")
 LABELS = {"loss": "val loss", "accuracy": "val accuracy", "auc": "val AUC", "dice": "val Dice"}
+# Under outputs-dir: one folder per run, named by its run id, holding checkpoint.pt and best_model.pt.
+CHECKPOINTS = "checkpoints"
 AXIS_LABELS = {"auc": "validation ROC AUC of the global model", "dice": "validation mean Dice of the global model"}
 
 
@@ -58,6 +66,28 @@ class RunFolder:
         temporary.symlink_to(self.final.name)
         os.replace(temporary, link)
         return self.final
+
+
+def checkpoint_folder(outputs_dir: Path, run_id: str) -> Path:
+    """Where run `run_id` keeps its checkpoint and best model."""
+    return Path(outputs_dir) / CHECKPOINTS / run_id
+
+
+def resume_folder(outputs_dir: Path, resume: str) -> Path:
+    """The checkpoint folder of the run `resume` names: its whole run id or an unambiguous start of it."""
+    root = Path(outputs_dir) / CHECKPOINTS
+    saved = sorted(p.name for p in root.iterdir() if (p / "checkpoint.pt").is_file()) if root.is_dir() else []
+    if resume in saved:
+        return root / resume
+    matches = [name for name in saved if name.startswith(resume)]
+    if len(matches) == 1:
+        return root / matches[0]
+    if matches:
+        raise ConfigError(f"run config: 'resume' = {resume!r} is ambiguous: it starts the run ids "
+                          f"{', '.join(matches)}; give the whole run id of the run to continue")
+    known = f"runs with a checkpoint: {', '.join(saved)}" if saved else "no run has one yet"
+    raise ConfigError(f"run config: 'resume' = {resume!r}: no checkpoint of that run in {root} ({known}); "
+                      "name a run listed there, or set resume = \"\" to start afresh")
 
 
 def weighted_aggregate(sites: dict[str, dict[str, Any]]) -> dict[str, float]:

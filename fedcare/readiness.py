@@ -11,13 +11,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 import torch
 
 from fedcare.config import RunConfig
-from fedcare.errors import SiteNotReady
+from fedcare.errors import ConfigError, SiteNotReady
 from fedcare.model import NUM_CLASSES, build_model
+from fedcare.outputs import resume_folder
 from fedcare.policy import SitePolicy
 from fedcare.privacy.accounting import default_delta
 
@@ -45,7 +47,9 @@ class SiteCounts:
 
 
 def run_problems(config: RunConfig, sites: int | None = None) -> list[str]:
-    """What stops the run as configured, whatever the sites hold; `sites`: how many will join."""
+    """What stops the run as configured, whatever the sites hold; `sites`: how many will join.
+
+    Checked on the coordinator (`fedcare run`, the ServerApp): a `resume` must name one run's checkpoint."""
     problems = []
     if sites is not None and config.min_sites > sites:
         problems.append(f"run config: 'min-sites' = {config.min_sites} is more than the {sites} site(s) of this "
@@ -53,6 +57,11 @@ def run_problems(config: RunConfig, sites: int | None = None) -> list[str]:
     size = input_problem(config)
     if size:
         problems.append(size)
+    if config.resume:
+        try:
+            resume_folder(Path(config.outputs_dir), config.resume)
+        except ConfigError as err:
+            problems.append(str(err))
     return problems
 
 

@@ -3,6 +3,7 @@ their checked updates with the configured strategy, checkpoints every round, and
 folder (models, metrics, summary, plot, privacy report).
 
 The server never sees a site's data or its ledger: only weights and the numbers sites reply with.
+Its log lines go through Flower's console handler, the one whose output `flwr run --stream` shows.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import FLOWER_LOGGER, console_handler
 from flwr.serverapp import Grid, ServerApp
 
 from fedcare.config import RunConfig
@@ -29,11 +31,35 @@ from server_app.strategies import TooFewSites, make_strategy
 
 app = ServerApp()
 log = logging.getLogger("fedcare.server")
+# Flower's count of the replies the guarded strategy passed on: after the update checks it counts
+# only accepted ones ("2 results and 0 failures" when a site failed), so the lines per site replace it.
+FLOWER_REPLY_COUNT = "%s: Received %s results and %s failures"
+
+
+def _not_flowers_reply_count(record: logging.LogRecord) -> bool:
+    return record.msg != FLOWER_REPLY_COUNT
+
+
+def stream_log() -> None:
+    """Send fedcare.server's lines to Flower's console handler, once.
+
+    The ServerApp process mirrors its stdout to the SuperLink, which is what `flwr run --stream`
+    prints; Flower's handler writes there, but only for the `flwr` logger. Without a handler of its
+    own this logger's INFO lines are dropped; not propagating keeps them from printing twice where
+    the root logger has a handler too.
+    """
+    if console_handler not in log.handlers:
+        log.addHandler(console_handler)
+    if _not_flowers_reply_count not in FLOWER_LOGGER.filters:
+        FLOWER_LOGGER.addFilter(_not_flowers_reply_count)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the federation up to `num-server-rounds` and publish the run folder."""
+    stream_log()
     try:
         config = RunConfig.from_mapping(context.run_config)
         # The run-level readiness rules, so that a plain `flwr run` stops here too, not at every site.
@@ -44,10 +70,10 @@ def main(grid: Grid, context: Context) -> None:
         if config.dp:
             check_private_trainable(model)  # once, before any site spends budget on it
         strategy = make_strategy(config)
-        checkpoints = Checkpoints(Path(config.outputs_dir) / "checkpoint")
+        checkpoints = Checkpoints(Path(config.outputs_dir), str(context.run_id))
         initial = ArrayRecord(model.state_dict())
         if config.resume:
-            initial = checkpoints.restore(strategy, set(model.state_dict()))
+            initial = checkpoints.restore(strategy, set(model.state_dict()), config.resume)
         remaining = config.num_server_rounds - strategy.round_offset
         if remaining <= 0:
             raise FedcareError(f"the checkpoint is at round {strategy.round_offset}; set num-server-rounds "
@@ -65,11 +91,14 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=checkpoints.after_round(strategy, config.to_dict()),
         )
     except TooFewSites as err:
-        stopped = str(err)
-        log.error("run stopped: %s", err)
+        stopped = f"{err}; the run stopped at the last completed round"
+        if err.resumable:
+            stopped += f" and can continue with resume = \"{context.run_id}\""
+        log.error("run stopped: %s", stopped)
 
     final = publish(str(context.run_id), config, strategy, checkpoints, resumed_from, stopped)
-    log.info("Run folder: %s (global_model.pt, metrics.json, summary.md, privacy_report.*)", final.resolve())
+    written = ", ".join(sorted(path.name for path in final.iterdir()))
+    log.info("Run folder: %s (%s); checkpoint: %s", final.resolve(), written, checkpoints.folder.resolve())
     if stopped:
         raise SystemExit(1)
 
@@ -79,7 +108,7 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     """Write every output of the run into its folder, then move the folder into place."""
     folder = RunFolder(Path(config.outputs_dir), run_id)
     torch.save(checkpoints.arrays.to_torch_state_dict(), folder.path("global_model.pt"))
-    # The checkpoint folder outlives runs: only a best model scored in this run (or the one it resumed) is its own.
+    # Only a best model scored in this run (or the one it resumed) is its own.
     has_best = checkpoints.best_auc > float("-inf") and checkpoints.best_path.is_file()
     if has_best:
         shutil.copyfile(checkpoints.best_path, folder.path("best_model.pt"))
@@ -88,14 +117,19 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
         flags += check_and_remember(Path(config.outputs_dir), strategy.log.privacy, run_id)
     document = metrics_document(config.to_dict(), strategy.log.rounds, strategy.log.seconds)
     failed = failed_every_round(document)
-    document.update(resumed_from_round=resumed_from, stopped=stopped, flags=flags, failed_every_round=failed)
+    document.update(resumed_from_round=resumed_from, resumed_run=checkpoints.resumed_run,
+                    checkpoint=str(checkpoints.folder.relative_to(config.outputs_dir)), stopped=stopped, flags=flags,
+                    failed_every_round=failed)
     folder.write_json("metrics.json", document)
     folder.path("metrics.png").write_bytes(metrics_plot(document))
     write_privacy_report(folder.staging, privacy_report_data(strategy.log.privacy, strategy.log.rounds, run_id,
-                                                             config.dp) | {"flags": flags})
+                                                             config.dp, resumed_from) | {"flags": flags})
     notes = [
         f"Strategy: {config.strategy}; rounds {resumed_from + 1} to {config.num_server_rounds}"
-        + (f" (resumed from the checkpoint at round {resumed_from})" if resumed_from else ""),
+        + (f" (resumed run {checkpoints.resumed_run} from its checkpoint at round {resumed_from})"
+           if checkpoints.resumed_run else ""),
+        f"Checkpoint: {checkpoints.folder.relative_to(config.outputs_dir)} under the outputs folder; "
+        f"continue this run with resume = \"{run_id}\"",
         "Differential privacy: " + ("on (DP-SGD on every site); see privacy_report.md" if config.dp
                                     else "OFF: no formal privacy guarantee; see privacy_report.md"),
     ]

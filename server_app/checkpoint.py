@@ -2,13 +2,16 @@
 
 After every round the server saves, atomically, the global model, the strategy's own state (the
 server optimizer's moments for FedAdam), the round reached and the per-site log so far; the best
-model by weighted validation AUC (mean Dice for segmentation) is kept beside it. `resume = true` restores all of it. The sites
-need nothing from here: their ledgers already hold every round they trained.
+model by weighted validation AUC (mean Dice for segmentation) is kept beside it. Each run writes
+only its own folder, `outputs-dir/checkpoints/<run-id>/`; `resume = "<run-id>"` restores that run
+into the new run's folder, so the run it continued stays as it was. The sites need nothing from
+here: their ledgers already hold every round they trained.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +19,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedcare.errors import FedcareError
-from fedcare.outputs import headline_metric, weighted_aggregate
+from fedcare.outputs import checkpoint_folder, headline_metric, resume_folder, weighted_aggregate
 from server_app.recording import RoundLog
 
 # FedOpt strategies (FedAdam) keep the previous global model and the server optimizer's moments.
@@ -26,10 +29,13 @@ LOG_FIELDS = ("rounds", "privacy", "names", "seconds")
 
 
 class Checkpoints:
-    """The checkpoint folder of one coordinator: `checkpoint.pt` and `best_model.pt`."""
+    """The checkpoint folder of one run: `checkpoint.pt` and `best_model.pt`."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, outputs_dir: Path, run_id: str) -> None:
+        self.run_id = run_id
+        self.folder = checkpoint_folder(outputs_dir, run_id)
+        self.outputs_dir = Path(outputs_dir)
+        self.resumed_run: str | None = None
         self.path = self.folder / "checkpoint.pt"
         self.best_path = self.folder / "best_model.pt"
         self.arrays: ArrayRecord | None = None
@@ -60,17 +66,24 @@ class Checkpoints:
 
         return save
 
-    def restore(self, strategy: Any, model_keys: set[str]) -> ArrayRecord:
-        """Load the last checkpoint into `strategy`; returns the global model to continue from."""
-        if not self.path.is_file():
-            raise FedcareError(f"{self.path}: no checkpoint to resume from; run once with resume = false")
+    def restore(self, strategy: Any, model_keys: set[str], resume: str) -> ArrayRecord:
+        """Load the last checkpoint of run `resume` into `strategy`; returns the global model to continue from."""
+        source = resume_folder(self.outputs_dir, resume)
+        if source == self.folder:
+            raise FedcareError(f"run config: 'resume' = {resume!r} names this run itself; name the run to continue")
+        path = source / "checkpoint.pt"
         try:
-            saved = torch.load(self.path, weights_only=False)
+            saved = torch.load(path, weights_only=False)
         except Exception as err:  # a torn or foreign file: say which, never start from zero silently
-            raise FedcareError(f"{self.path}: unreadable checkpoint ({type(err).__name__}); "
-                               "delete it to start afresh") from None
+            raise FedcareError(f"{path}: unreadable checkpoint ({type(err).__name__}); "
+                               "resume another run or set resume = \"\" to start afresh") from None
         if set(saved["arrays"]) != model_keys:
-            raise FedcareError(f"{self.path}: checkpoint holds another model than the run config builds")
+            raise FedcareError(f"{path}: checkpoint holds another model than the run config builds")
+        self.resumed_run = source.name
+        # The best model so far belongs to the continued run too; copied, so that run's folder stays whole.
+        if (source / "best_model.pt").is_file():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / "best_model.pt", self.best_path)
         strategy.round_offset = saved["round"]
         strategy.log = RoundLog(**saved["log"])
         for key, value in saved["strategy"].items():

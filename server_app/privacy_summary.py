@@ -3,7 +3,8 @@
 Sites send only numbers (the round's `PrivacyRecord`, its status and their lifetime history); the
 report's independent check recomputes epsilon from that history on the server. What left a site
 outside the DP guarantee is listed too: rounds a site's policy let run without DP, and how many
-validation results each site sent.
+validation results each site sent. Every round the site's ledger charged is explained, including
+those whose reply never arrived and a round charged twice across a resume (`server_app.reconcile`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from fedcare.privacy.record import FIELDS, PrivacyRecord
+from server_app.reconcile import extra_charges
 
 ROUND_FIELDS = ("sample_rate", "noise_multiplier", "steps", "max_grad_norm", "epsilon", "mechanism")
 
 
 def privacy_report_data(privacy: dict[int, dict[str, dict[str, Any]]], rounds: dict[int, dict[str, dict[str, Any]]],
-                        run_id: str, dp: bool) -> dict[str, Any]:
-    """Per site: its budget, what it has spent, each round of this run it trained or refused, what else left it."""
+                        run_id: str, dp: bool, resumed_from: int = 0) -> dict[str, Any]:
+    """Per site: its budget, what it has spent, each round of this run it trained or refused, what else left it.
+
+    `resumed_from`: the checkpoint's round when the run continued another (0: a fresh run)."""
     sites: dict[str, dict[str, Any]] = {}
     for server_round in sorted(privacy):
         for name, numbers in sorted(privacy[server_round].items()):
@@ -42,7 +46,12 @@ def privacy_report_data(privacy: dict[int, dict[str, dict[str, Any]]], rounds: d
                 site["rounds"].append({k: numbers[k] for k in ROUND_FIELDS} | {"round": server_round})
             else:
                 site["unbounded_rounds"].append(server_round)
-    for site in sites.values():
+    for name, site in sites.items():
+        extra, unseen = extra_charges(privacy, rounds, name, resumed_from)
+        # Each charge no reply accounts for goes just before the round whose reply revealed it.
+        ordered = [((row["before"], 0), row) for row in extra] + [((row["round"], 1), row) for row in site["rounds"]]
+        site["rounds"] = [row for _, row in sorted(ordered, key=lambda item: item[0])]
+        site["unseen_rounds"] = unseen
         site.setdefault("accountant", "rdp")
         site.setdefault("delta", 0.0)
         site.setdefault("budget_epsilon", 0.0)

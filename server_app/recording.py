@@ -1,4 +1,5 @@
-"""What happened at each site in each round: trained, refused (budget, policy or app), rejected, failed, or silent.
+"""What happened at each site in each round: trained, refused (budget, policy or app), busy (another
+run holds its ledger), rejected, failed, or silent; and the line per site and round the run's log shows.
 
 The log files every reply by site before the strategy aggregates (see `server_app.strategies`),
 so a refusal or a failure is recorded with its reason and never mistaken for an update.
@@ -15,9 +16,12 @@ from typing import Any, Iterable
 
 from flwr.app import Message
 
-from fedcare.errors import APP_REFUSED_CODE, site_of_error
+from fedcare.errors import APP_REFUSED_CODE, LedgerBusy, site_of_error
+from fedcare.outputs import LABELS, METRICS, headline_metric, weighted_aggregate
 
 NO_REPLY = "no reply before the round timeout"
+# A site whose ledger another run holds for a round is not faulty: the round is to be retried after.
+BUSY = "busy"
 
 
 @dataclass
@@ -96,7 +100,7 @@ class RoundLog:
                 continue
             if msg.has_error():
                 # A site's gate refusing the app is the site's decision, not a failure.
-                entry[f"{stage}_status"] = "refused" if msg.error.code == APP_REFUSED_CODE else "failed"
+                entry[f"{stage}_status"] = error_status(msg.error.code, str(msg.error.reason))
                 entry[f"{stage}_error"] = str(msg.error.reason)
                 continue
             if "privacy" in msg.content:
@@ -124,11 +128,47 @@ class RoundLog:
         entry = self.entry(server_round, self.site_of(msg))
         entry["train_status"], entry["train_error"] = "rejected", reason
 
+    def all_budget_exhausted(self, server_round: int) -> bool:
+        """Whether every site that answered the round refused it because its privacy budget is spent."""
+        privacy = self.privacy.get(server_round, {})
+        sites = self.rounds.get(server_round, {})
+        return bool(sites) and all(privacy.get(site, {}).get("status") == "budget-exhausted" for site in sites)
+
+    def round_lines(self, server_round: int) -> list[str]:
+        """One line per site (trained with the epsilon it has spent, refused and why, failed and its kind),
+        then the round's weighted validation figure: what the operator sees while the run goes on."""
+        lines = []
+        for site, entry in sorted(self.rounds.get(server_round, {}).items()):
+            status = entry.get("train_status", "not asked")
+            numbers = self.privacy.get(server_round, {}).get(site, {})
+            text = {"ok": "trained"}.get(status, status)
+            if status != "ok" and entry.get("train_error"):
+                text += f" ({entry['train_error']})"
+            if "epsilon" in numbers and "budget_epsilon" in numbers:
+                text += f"; epsilon spent {numbers['epsilon']:.2f} of budget {numbers['budget_epsilon']:.2f}"
+            figures = ", ".join(f"{LABELS[m]} {entry[m]:.3f}" for m in METRICS if m in entry)
+            if figures:
+                text += f"; {figures}"
+            lines.append(f"round {server_round} {site}: {text}")
+        aggregate = weighted_aggregate(self.rounds.get(server_round, {}))
+        metric = headline_metric(aggregate)
+        if metric:
+            lines.append(f"round {server_round} all sites: weighted {LABELS[metric]} {aggregate[metric]:.3f} "
+                         f"over {aggregate['num_examples']} validation case(s)")
+        return lines
+
     def expect(self, server_round: int, stage: str, messages: Iterable[Message]) -> list[Message]:
         # Flower sets each message's id in place when it sends it, so keep the messages themselves.
         messages = list(messages)
         self.expected[(server_round, stage)] = messages
         return messages
+
+
+def error_status(code: int, reason: str) -> str:
+    """refused (the site's gate refused the app), busy (another run holds its ledger) or failed."""
+    if code == APP_REFUSED_CODE:
+        return "refused"
+    return BUSY if LedgerBusy.kind in reason else "failed"
 
 
 def refusal_reason(msg: Message) -> str | None:

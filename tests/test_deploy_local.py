@@ -100,6 +100,10 @@ def test_site_killed_mid_run_rejoins_and_keeps_its_ledger(hardened):
     assert len(after) > len(outcome["before_kill"])  # the restarted site trained again
     last = json.loads((folder / "metrics.json").read_text())["rounds"][-1]
     assert last["sites"]["site-1"]["train_status"] == "ok"
+    # Every round the site's ledger charged in this run is in the report, a reply lost to the kill included.
+    report = json.loads((folder / "privacy_report.json").read_text())
+    charged = sorted(e.round for e in after if e.run_id == folder.name and e.private)
+    assert sorted(row["round"] for row in report["sites"]["site-1"]["rounds"]) == charged
     assert outcome["restarts"] >= 1
 
 

@@ -111,20 +111,20 @@ def test_a_3d_network_is_audited_against_its_own_shapes(tmp_path):
 def test_checkpoint_restores_round_log_and_refuses_another_model(tmp_path):
     strategy = make_strategy(CONFIG)
     strategy.log.entry(1, "site-0").update(train_status="ok")
-    checkpoints = Checkpoints(tmp_path)
+    checkpoints = Checkpoints(tmp_path, "5")
     checkpoints.after_round(strategy, CONFIG.to_dict())(1, ArrayRecord(global_model()))
 
     restored = make_strategy(CONFIG)
-    arrays = Checkpoints(tmp_path).restore(restored, set(global_model()))
+    arrays = Checkpoints(tmp_path, "6").restore(restored, set(global_model()), "5")
     assert restored.round_offset == 1 and restored.log.rounds == {1: {"site-0": {"train_status": "ok"}}}
     assert set(arrays.keys()) == set(global_model())
     with pytest.raises(FedcareError, match="another model"):
-        Checkpoints(tmp_path).restore(make_strategy(CONFIG), {"other"})
-    with pytest.raises(FedcareError, match="no checkpoint"):
-        Checkpoints(tmp_path / "none").restore(make_strategy(CONFIG), set(global_model()))
-    (tmp_path / "checkpoint.pt").write_bytes(b"torn")
+        Checkpoints(tmp_path, "6").restore(make_strategy(CONFIG), {"other"}, "5")
+    with pytest.raises(FedcareError, match="no checkpoint of that run"):
+        Checkpoints(tmp_path / "none", "6").restore(make_strategy(CONFIG), set(global_model()), "5")
+    (tmp_path / "checkpoints" / "5" / "checkpoint.pt").write_bytes(b"torn")
     with pytest.raises(FedcareError, match="unreadable"):
-        Checkpoints(tmp_path).restore(make_strategy(CONFIG), set(global_model()))
+        Checkpoints(tmp_path, "6").restore(make_strategy(CONFIG), set(global_model()), "5")
     assert json.dumps(CONFIG.to_dict())
 
 

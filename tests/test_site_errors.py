@@ -61,7 +61,7 @@ def test_an_unexpected_error_leaves_the_site_as_its_kind_only(broken_site, caplo
     for kind in ("train", "evaluate"):
         strategy.log.expect(1, kind, [sent[kind]])
         assert strategy.log.file_replies(1, kind, [replies[kind]]) == []
-    checkpoints = Checkpoints(base / "out" / "checkpoint")
+    checkpoints = Checkpoints(base / "out", "11")
     checkpoints.arrays = ArrayRecord(build_model(config).state_dict())
     folder = publish("11", config, strategy, checkpoints, 0, None)
 

@@ -26,6 +26,7 @@ the role's processes start together (`fedcare.deploy.supervise`):
     FEDCARE_<KEY>            site: the rest of its privacy policy (fedcare/policy.py), e.g. FEDCARE_BUDGET_DELTA,
                              FEDCARE_MIN_NOISE_MULTIPLIER, FEDCARE_MAX_RUN_EPSILON, FEDCARE_EVALUATION_QUOTA
     FEDCARE_RUNTIME_PORT     site: loopback port of the SuperNode's own runtime API (default 9094)
+    FEDCARE_MIN_FREE_MB      healthcheck: free space the state folder must have (default 256)
 
 The coordinator's ServerApp files every reply under the site name registered with the replying
 node's key: `fedcare deploy register` writes `site-registry.json` beside the coordinator's
@@ -48,6 +49,9 @@ from fedcare.deploy.identities import REGISTRY_FILE, REGISTRY_VARIABLE
 from fedcare.deploy.supervise import supervise
 from fedcare.errors import FedcareError
 from fedcare.policy import POLICY_DEFAULTS, POLICY_KEYS, SitePolicy
+
+# Below this much free space in the state folder a round's ledger, egress or checkpoint write may fail.
+MIN_FREE_MB = 256
 
 COORDINATOR_PORT = 9092
 CONTROL_PORT = 9093
@@ -128,8 +132,29 @@ def site_commands(env: Mapping[str, str]) -> dict[str, list[str]]:
     return {"supernode": supernode, "site-exec": executor}
 
 
+def state_problem(env: Mapping[str, str]) -> str | None:
+    """Why the state folder cannot take the next round's writes (not writable, too little room), or None."""
+    value = _get(env, "FEDCARE_MIN_FREE_MB", str(MIN_FREE_MB))
+    if not value.isdigit():
+        return f"FEDCARE_MIN_FREE_MB={value!r}: expected a number of megabytes"
+    try:
+        state = _state(env)
+    except FedcareError as err:
+        return str(err)
+    free = shutil.disk_usage(state).free // 2**20
+    if free < int(value):
+        return (f"{state}: {free} MB free, below FEDCARE_MIN_FREE_MB={value}: free space on the state volume "
+                "before the next round's ledger, egress log or checkpoint write fails")
+    return None
+
+
 def healthy(role: str, env: Mapping[str, str]) -> bool:
-    """Whether the role's process answers on its port (the coordinator's, or the site's runtime API)."""
+    """Whether the state folder has room to write and the role's process answers on its port (the
+    coordinator's, or the site's runtime API); a failing state folder is named in one line on stderr."""
+    problem = state_problem(env)
+    if problem:
+        print(f"unhealthy: {problem}", file=sys.stderr)
+        return False
     port = int(_port(env, "FEDCARE_PORT", COORDINATOR_PORT) if role == "coordinator"
                else _port(env, "FEDCARE_RUNTIME_PORT", SITE_RUNTIME_PORT))
     try:

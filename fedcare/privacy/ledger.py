@@ -182,6 +182,10 @@ class Ledger:
 
     def initialise(self) -> None:
         """Start an empty ledger, so that a later missing ledger shows as lost rather than new."""
+        if self.initialised:
+            # Nothing to write, so no lock to wait for: another run's round may hold it for minutes,
+            # and this run's round is then refused at once as busy instead of silently waiting.
+            return
         with self._locked():
             if not self.initialised and not self.path.exists():
                 self._write_head([])

@@ -23,8 +23,9 @@ MECHANISMS = (DP_SGD, NO_DP)
 # What a train reply's privacy record carries beside the round's figures.
 STATUSES = ("ok", "budget-exhausted", "refused")
 REPLY_TEXT = ("mechanism", "accountant", "delta_rule", "status", "reason")
+# history-run-round: per history event, the round of this run that charged it (0: another run's).
 REPLY_NUMBERS = ("epsilon_before", "epsilon_after", "history-noise-multiplier", "history-sample-rate",
-                 "history-steps")
+                 "history-steps", "history-run-round")
 
 
 @dataclass(frozen=True)

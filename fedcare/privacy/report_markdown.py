@@ -8,6 +8,10 @@ round, and a sign-off block. Anything that weakens the guarantee is flagged in b
 
 from fedcare.privacy.randomness import SOURCE as RANDOMNESS
 
+# Why a round may be missing from a site's table although its ledger charged it.
+UNSEEN = ("no reply arrived and none came after it, so if the site recorded the round before its reply was lost, "
+          "its ledger holds a charge this report cannot show; the site's own ledger report lists every charge")
+
 NO_DP_BANNER = (
     "**NO DIFFERENTIAL PRIVACY** — this run trained WITHOUT DP-SGD. No formal privacy guarantee holds "
     "for any site's training data: the model weights that left each site were computed from the raw "
@@ -166,7 +170,8 @@ ASSUMPTIONS_TEMPLATE = """## Assumptions the guarantee rests on
 RELEASES = """## What left each site
 
 Model weights and numbers only: the sample rate q, the noise multiplier σ, the number of steps, the clipping norm C,
-ε and δ, and validation metrics. The exact training loss never leaves a site (it stays in the site's own log).
+ε and δ (for every round in the site's lifetime history, with the number of the round of this run that charged it),
+and validation metrics. The exact training loss never leaves a site (it stays in the site's own log).
 No images, labels or patient identifiers left any site.
 """
 
@@ -183,7 +188,9 @@ def _rounds(document: dict) -> list[str]:
     lines = ["## Rounds", "", "ε is cumulative over the site's lifetime after each round.", ""]
     for name, site in sorted(document["sites"].items()):
         with_run = any("run_id" in entry for entry in site["rounds"])
-        header = ["Run"] * with_run + ["Round", "q", "σ", "Steps", "C", "Cumulative ε"]
+        # A charge that no received reply accounts for (a lost reply, a round trained twice across a resume).
+        with_note = any("note" in entry for entry in site["rounds"])
+        header = ["Run"] * with_run + ["Round", "q", "σ", "Steps", "C", "Cumulative ε"] + ["Note"] * with_note
         rows = [
             ([entry.get("run_id", "")] if with_run else [])
             + [
@@ -194,11 +201,15 @@ def _rounds(document: dict) -> list[str]:
                 f"{entry['max_grad_norm']:g}",
                 _number(entry["epsilon"]),
             ]
+            + ([entry.get("note", "")] if with_note else [])
             for entry in site["rounds"]
         ]
         refused = ", ".join(str(number) for number in site.get("refused_rounds", [])) or "none"
         lines += [f"### Site `{name}`", "", *_table(header, rows), ""]
         lines += [f"Rounds refused (by the budget or the site's policy): {refused}.", ""]
+        if site.get("unseen_rounds"):
+            numbers = ", ".join(str(number) for number in site["unseen_rounds"])
+            lines += [f"Rounds {numbers}: {UNSEEN}.", ""]
         lines += _outside_guarantee(site)
     return lines
 

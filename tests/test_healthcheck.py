@@ -1,0 +1,38 @@
+"""The container's healthcheck: the role's port answers, and the state folder can take the next writes."""
+
+import socket
+
+import pytest
+
+from fedcare.deploy.entrypoint import healthy, state_problem
+
+
+@pytest.fixture
+def listening():
+    """A real port that accepts connections, standing where the site's runtime API would."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    yield server.getsockname()[1]
+    server.close()
+
+
+def test_a_site_with_a_writable_state_folder_and_its_port_up_is_healthy(tmp_path, listening):
+    env = {"FEDCARE_STATE": str(tmp_path), "FEDCARE_RUNTIME_PORT": str(listening), "FEDCARE_MIN_FREE_MB": "1"}
+    assert state_problem(env) is None and healthy("site", env)
+
+
+def test_a_state_folder_that_cannot_be_written_is_unhealthy(tmp_path, listening, capsys):
+    (tmp_path / "state").write_text("a file where the state folder should be")
+    env = {"FEDCARE_STATE": str(tmp_path / "state"), "FEDCARE_RUNTIME_PORT": str(listening)}
+    assert not healthy("site", env)
+    error = capsys.readouterr().err
+    assert error.startswith("unhealthy: ") and "not writable" in error and error.count("\n") == 1
+
+
+def test_a_state_folder_without_room_to_spare_is_unhealthy(tmp_path, listening):
+    env = {"FEDCARE_STATE": str(tmp_path), "FEDCARE_RUNTIME_PORT": str(listening),
+           "FEDCARE_MIN_FREE_MB": str(10**12)}  # more than any disk here holds
+    assert "below FEDCARE_MIN_FREE_MB" in state_problem(env)
+    assert not healthy("site", env)
+    assert "expected a number" in state_problem(env | {"FEDCARE_MIN_FREE_MB": "lots"})
