@@ -105,7 +105,7 @@ def site_data(work: Work) -> SiteDatasets:
         site.data_path, split, config.image_size, window=config.window,
         input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
         data_format=config.data_format, cache_dir=site.cache_path, patient_key=site.policy.patient_key,
-        missing_images=config.missing_images,
+        missing_images=site.policy.missing_images,
     )
 
 

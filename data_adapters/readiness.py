@@ -136,7 +136,7 @@ def _label_summary(site: SiteImages, manifest: Manifest | None, config: RunConfi
     if site.missing:
         line = (f"{len(site.missing)} manifest row(s) match no readable image ({manifest.describe(site.missing)}): "
                 "fix those files (see 'Files left out') or drop their rows from the manifest")
-        if config.missing_images == "stop":
+        if policy.missing_images == "stop":
             problems.append(line + " (missing-images = \"stop\")")
         else:
             warnings.append(line + "; the site trains on its other cases (missing-images = \"report\")")

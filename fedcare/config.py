@@ -27,7 +27,6 @@ LABEL_KEYS = ("", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Ac
               "image", "filename", "file", "path")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ew")
-MISSING_IMAGES = ("report", "stop")
 # A site's name goes into every report the server writes: letters, digits, dots, dashes, underscores.
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -56,9 +55,6 @@ class RunConfig:
     # rounds to pull the model out; weighting lesion pixels tenfold made the demo's sites find the
     # lesion in 2-3 rounds instead of 5-6 at epsilon 8.
     lesion_weight: float = 10.0
-    # A labels.csv row whose image cannot be read: "report" it and train on the other cases, or
-    # "stop" the site until the file is fixed or the row dropped.
-    missing_images: str = "report"
     seed: int = 42
     data_root: str = "outputs/demo-data"
     # Simulation: "NAME=PATH; NAME=PATH" names each simulated site and its folder (fedcare run
@@ -123,7 +119,6 @@ class RunConfig:
         for name, allowed in (("task", TASKS), ("model", MODELS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
                               ("data_format", DATA_FORMATS), ("input_mode", INPUT_MODES),
                               ("irregular_series", IRREGULAR_SERIES), ("label_key", LABEL_KEYS),
-                              ("missing_images", MISSING_IMAGES),
                               ("grad_sample_mode", GRAD_SAMPLE_MODES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), "must be one of " + ", ".join(allowed))

@@ -27,7 +27,9 @@ POLICY_DEFAULTS: dict[str, Any] = {
     "val-fraction": 0.2,            # share of the site's cases held out for validation, split once and kept
     "privacy-unit": PATIENT,        # patient: epsilon protects a patient; image: only for one image per patient
     "patient-key": "",              # the label manifest's pseudonymous patient column; empty: DICOM PatientID
+    "missing-images": "report",     # a labels.csv row without a readable image: report it and train on the rest | stop
 }
+MISSING_IMAGES = ("report", "stop")
 POLICY_KEYS = ("budget-epsilon", *POLICY_DEFAULTS)
 
 
@@ -45,6 +47,7 @@ class SitePolicy:
     val_fraction: float = 0.2
     privacy_unit: str = PATIENT
     patient_key: str = ""
+    missing_images: str = "report"
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], source: str = "node config") -> "SitePolicy":
@@ -66,6 +69,7 @@ class SitePolicy:
             val_fraction=_number(source, "val-fraction", values["val-fraction"], low=0.0, high=1.0),
             privacy_unit=_choice(source, "privacy-unit", values["privacy-unit"], PRIVACY_UNITS),
             patient_key=_text(source, "patient-key", values["patient-key"]),
+            missing_images=_choice(source, "missing-images", values["missing-images"], MISSING_IMAGES),
         )
         return policy
 

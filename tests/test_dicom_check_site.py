@@ -125,9 +125,9 @@ def test_labels_without_images_are_reported_and_stop_the_site_only_if_it_says_so
     assert code == 0 and report["ready"] is True and report["missing_labels"] == [{"row": CASES + 2}]
     assert any(f"match no readable image (row {CASES + 2}): fix those files" in w and "drop their rows" in w
                for w in report["warnings"])
-    strict = tmp_path / "strict.toml"
-    strict.write_text('missing-images = "stop"\n')
-    code, output = _check(str(demo_site), "--labels", str(manifest), "--config", str(strict), "--json")
+    strict = tmp_path / "strict.toml"  # the site's own settings say: not with a missing image
+    strict.write_text('budget-epsilon = 8.0\nmissing-images = "stop"\n')
+    code, output = _check(str(demo_site), "--labels", str(manifest), "--site-settings", str(strict), "--json")
     report = json.loads(output)
     assert code == 1 and any(f"(row {CASES + 2})" in p for p in report["problems"])
 
