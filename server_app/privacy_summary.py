@@ -57,6 +57,8 @@ def privacy_report_data(privacy: dict[int, dict[str, dict[str, Any]]], rounds: d
         site.setdefault("budget_epsilon", 0.0)
         site.setdefault("epsilon", 0.0)
     for name, count in validation_releases(rounds).items():
+        if name not in sites and not count:
+            continue  # a name that released nothing accepted here (a rejected impostor, say) is nobody's site
         sites.setdefault(name, {"rounds": [], "refused_rounds": [], "unbounded_rounds": [], "status": "ok",
                                 "accountant": "rdp", "delta": 0.0, "budget_epsilon": 0.0, "epsilon": 0.0})
         sites[name]["validation_releases"] = count

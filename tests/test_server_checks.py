@@ -13,6 +13,7 @@ from fedcare.errors import FedcareError
 from fedcare.model import build_model
 from fedcare.training import make_optimizer
 from server_app.checkpoint import Checkpoints
+from server_app.privacy_summary import privacy_report_data
 from server_app.strategies import make_strategy
 from server_app.validation import screen_updates
 
@@ -135,3 +136,9 @@ def test_a_server_optimizer_keeps_the_models_dtypes():
     strategy.current_arrays = {k: a.numpy() for k, a in start.items()}  # as FedAdam's configure_train keeps it
     arrays, _ = strategy.aggregate_train(1, [reply(nudged(global_model(), 0.01, 1))])
     assert {a.dtype for a in arrays.values()} == {a.dtype for a in start.values()}
+
+
+def test_a_name_whose_replies_were_all_rejected_gets_no_row_in_the_privacy_report():
+    rounds = {1: {"site-0": {"evaluate_status": "ok"}, "impostor": {"evaluate_status": "rejected"}}}
+    sites = privacy_report_data({}, rounds, "run-1", True)["sites"]
+    assert set(sites) == {"site-0"} and sites["site-0"]["validation_releases"] == 1
