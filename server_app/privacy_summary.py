@@ -25,7 +25,7 @@ def privacy_report_data(privacy: dict[int, dict[str, dict[str, Any]]], rounds: d
     sites: dict[str, dict[str, Any]] = {}
     for server_round in sorted(privacy):
         for name, numbers in sorted(privacy[server_round].items()):
-            site = sites.setdefault(name, {"rounds": [], "refused_rounds": [], "unbounded_rounds": [], "status": "ok"})
+            site = sites.setdefault(name, _empty_site())
             if not all(key in numbers for key in FIELDS):  # refused before the site planned anything
                 site["refused_rounds"].append(server_round)
                 site["status"] = "refused" if site["status"] == "ok" else site["status"]
@@ -52,15 +52,10 @@ def privacy_report_data(privacy: dict[int, dict[str, dict[str, Any]]], rounds: d
         ordered = [((row["before"], 0), row) for row in extra] + [((row["round"], 1), row) for row in site["rounds"]]
         site["rounds"] = [row for _, row in sorted(ordered, key=lambda item: item[0])]
         site["unseen_rounds"] = unseen
-        site.setdefault("accountant", "rdp")
-        site.setdefault("delta", 0.0)
-        site.setdefault("budget_epsilon", 0.0)
-        site.setdefault("epsilon", 0.0)
     for name, count in validation_releases(rounds).items():
         if name not in sites and not count:
             continue  # a name that released nothing accepted here (a rejected impostor, say) is nobody's site
-        sites.setdefault(name, {"rounds": [], "refused_rounds": [], "unbounded_rounds": [], "status": "ok",
-                                "accountant": "rdp", "delta": 0.0, "budget_epsilon": 0.0, "epsilon": 0.0})
+        sites.setdefault(name, _empty_site())
         sites[name]["validation_releases"] = count
     return {"dp": dp, "run_id": run_id, "sites": sites}
 
@@ -72,3 +67,9 @@ def validation_releases(rounds: dict[int, dict[str, dict[str, Any]]]) -> dict[st
         for name, entry in sites.items():
             counts[name] = counts.get(name, 0) + (entry.get("evaluate_status") == "ok")
     return counts
+
+
+def _empty_site() -> dict[str, Any]:
+    """A site's report entry before any of its rounds is read: what a site that trained nothing spent."""
+    return {"rounds": [], "refused_rounds": [], "unbounded_rounds": [], "status": "ok",
+            "accountant": "rdp", "delta": 0.0, "budget_epsilon": 0.0, "epsilon": 0.0}

@@ -102,10 +102,17 @@ def _cross_check_epsilon(merged: tuple[tuple[float, float, int], ...], delta: fl
     checker = rdp.RdpAccountant() if SAME_METHOD[accountant] == "rdp" else pld.PLDAccountant(
         value_discretization_interval=PLD_DISCRETIZATION)
     with _quiet_dp_accounting():
-        for noise_multiplier, sample_rate, steps in merged:
-            checker.compose(dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps))
+        for event in _dp_events(merged):
+            checker.compose(event)
         return float(checker.get_epsilon(delta))
+
+
+def _dp_events(history: History) -> Iterator[dp_accounting.DpEvent]:
+    """Each history entry with steps as dp_accounting's Poisson-subsampled Gaussian event."""
+    for noise_multiplier, sample_rate, steps in history:
+        if steps:
+            yield dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
 
 
 def opacus_epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
@@ -217,13 +224,7 @@ def independent_epsilons(history: History, delta: float) -> dict[str, float]:
     rdp_accountant = rdp.RdpAccountant()
     pld_accountant = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     with _quiet_dp_accounting():
-        for noise_multiplier, sample_rate, steps in history:
-            if steps == 0:
-                continue
-            event = dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
-                steps,
-            )
+        for event in _dp_events(history):
             rdp_accountant.compose(event)
             pld_accountant.compose(event)
         return {

@@ -23,7 +23,7 @@ from fedcare.model import grad_sample_mode
 from fedcare.privacy.accounting import default_delta, epsilon, epsilon_after, noise_multiplier_for
 from fedcare.privacy.ledger import Ledger, LedgerEntry, private_history
 from fedcare.privacy.randomness import site_generator
-from fedcare.privacy.record import DP_SGD, FIELDS, NO_DP, PrivacyRecord
+from fedcare.privacy.record import DP_SGD, NO_DP, PrivacyRecord
 from fedcare.sites import Site
 from fedcare.training import make_loader, make_optimizer, steps_per_epoch, task_loss, train_epochs
 
@@ -48,15 +48,13 @@ class RoundPlan:
     def affordable(self) -> bool:
         return self.refusal is None
 
-    def __getattr__(self, name: str) -> object:
-        # The round's figures read as the plan's own: plan.noise_multiplier, plan.delta, plan.steps.
-        if name in FIELDS:
-            return getattr(self.record, name)
-        raise AttributeError(name)
-
-    @property
-    def epsilon_after(self) -> float:
-        return self.record.epsilon
+    # The round's figures, read as the plan's own.
+    noise_multiplier = property(lambda self: self.record.noise_multiplier)
+    sample_rate = property(lambda self: self.record.sample_rate)
+    steps = property(lambda self: self.record.steps)
+    max_grad_norm = property(lambda self: self.record.max_grad_norm)
+    delta = property(lambda self: self.record.delta)
+    epsilon_after = property(lambda self: self.record.epsilon)
 
     def reply_fields(self) -> dict[str, float | int | str]:
         """The plan as a train reply's privacy record carries it; `epsilon` is what the site has spent by then."""

@@ -171,7 +171,8 @@ RELEASES = """## What left each site
 
 Model weights and numbers only: the sample rate q, the noise multiplier σ, the number of steps, the clipping norm C,
 ε and δ (for every round in the site's lifetime history, with the number of the round of this run that charged it),
-and validation metrics. The exact training loss never leaves a site (it stays in the site's own log).
+the privacy unit with N (how many patients, or images, the site trains on) and the number of training images,
+refusals with their reasons (which state the site's own limits), and validation metrics. The exact training loss never leaves a site (it stays in the site's own log).
 No images, labels or patient identifiers left any site.
 """
 
