@@ -12,7 +12,7 @@ from fedcare.segmentation import all_background_dice
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-ROUNDS = 4
+ROUNDS = 5  # the demo preset's rounds: with noise from each site's entropy, four left too little margin (Dice 0.15 once)
 
 
 @pytest.fixture(scope="module")
