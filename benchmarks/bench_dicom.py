@@ -24,7 +24,7 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_adapters.demo_data import write_demo_sites  # noqa: E402
+from fedcare_ops.demo_data import write_demo_sites  # noqa: E402
 from data_adapters.dicom import load_site  # noqa: E402
 from data_adapters.index import index_site, site_files  # noqa: E402
 from data_adapters.transforms import Preprocess  # noqa: E402

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from data_adapters import write_demo_sites  # noqa: E402
-from fedcare.federation import run_simulation  # noqa: E402
+from fedcare_ops.demo_data import write_demo_sites  # noqa: E402
+from fedcare_ops.federation import run_simulation  # noqa: E402
 
 SCRATCH = ROOT / "outputs" / "bench"
 DEMO_CASES = (120, 300, 600)  # the demo's three hospitals, as `make demo` writes them

@@ -2,7 +2,7 @@
 
 It sits between Flower and the site's handlers, so no reply can leave without its line, and the
 line is on disk before Flower sends the reply. In simulation it is the only writer; in deployment
-the site's gate (fedcare/deploy/gate.py), outside the bundle, writes every line and this mod stands down.
+the site's gate (fedcare_ops/deploy/gate.py), outside the bundle, writes every line and this mod stands down.
 """
 
 from __future__ import annotations

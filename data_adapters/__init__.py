@@ -1,6 +1,5 @@
 """Site data for fedcare: index and decode a hospital's DICOM (or NIfTI) folder, join its label
-manifest, cache the preprocessed arrays, check the site's readiness, and write synthetic multi-site
-CT demo data with realistic scanner differences.
+manifest, cache the preprocessed arrays and check the site's readiness.
 
 Everything here runs on the site; image contents, UIDs and header strings never leave it.
 """
@@ -13,8 +12,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .cache import DecodeCache, clear_cache
     from .dataset import SiteDatasets, cached_site_images, image_transform, site_datasets
-    from .demo_data import DEFAULT_CASES, write_demo_sites
-    from .demo_segmentation import write_demo_segmentation_sites
     from .dicom import SiteImages, load_site, read_site
     from .index import SiteIndex, index_site
     from .labels import read_labels, read_manifest
@@ -29,7 +26,6 @@ if TYPE_CHECKING:
 
 # Imported on first use: `fedcare demo-data` should not pay for loading torch and MONAI.
 _HOME = {
-    "DEFAULT_CASES": "demo_data",
     "DecodeCache": "cache",
     "Preprocess": "transforms",
     "SiteIndex": "index",
@@ -54,8 +50,6 @@ _HOME = {
     "split_indices": "split",
     "SeededSplit": "split",
     "StoredSplit": "split",
-    "write_demo_sites": "demo_data",
-    "write_demo_segmentation_sites": "demo_segmentation",
     "read_segmentation_site": "segmentation",
     "segmentation_datasets": "segmentation",
     "read_segmentation_volumes": "segmentation_volumes",

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 from fedcare.errors import SiteDataError
+from fedcare.sites import SITE_FILE
 
 from .cache import usable_cache_dir, write_atomic, write_or_warn
-from .labels import SITE_FILE
 from .decode import quiet
 from .headers import MEDIA_DIRECTORY, InstanceHeader, Unusable, read_header
 

@@ -19,8 +19,6 @@ __all__ = ["read_labels", "read_manifest", "Manifest", "LABELS_FILENAME", "UID_C
            "DICOM_KEYS", "FILE_KEYS"]
 
 LABELS_FILENAME = "labels.csv"
-# A simulated site's own settings (fedcare.sites) live beside its images; no reader takes them for data.
-SITE_FILE = "site.toml"
 UID_COLUMN = "SOPInstanceUID"
 LABEL_COLUMN = "label"
 # Most specific first: when a manifest carries several, a row labels the smallest unit it names.

@@ -3,4 +3,4 @@
 # `entrypoint.sh healthcheck coordinator|site`. Settings are environment variables (see
 # docs/deployment.md); the script checks the mounted files, then becomes the Flower process.
 set -eu
-exec python -m fedcare.deploy.entrypoint "$@"
+exec python -m fedcare_ops.deploy.entrypoint "$@"

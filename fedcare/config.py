@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedcare.errors import ConfigError, FedcareError
+from fedcare.imaging import parse_patch_size, parse_spacing, parse_window
 
 MODELS = ("small-cnn", "densenet121", "unet")
 TASKS = ("classification", "segmentation")
@@ -125,9 +126,6 @@ class RunConfig:
         if self.model not in TASK_MODELS[self.task]:
             _fail("model", self.model, f"cannot do task '{self.task}'; use " + " or ".join(TASK_MODELS[self.task]))
         parse_site_folders(self.site_folders)
-        # The adapter owns what a window, a spacing and a patch size mean.
-        from data_adapters.transforms import parse_patch_size, parse_spacing, parse_window
-
         for key, parse in (("window", parse_window), ("spacing", parse_spacing), ("patch-size", parse_patch_size)):
             try:
                 parse(getattr(self, key.replace("-", "_")))

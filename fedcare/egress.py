@@ -74,7 +74,7 @@ def count_replies(log_path: Path, run_id: str, message_type: str) -> int:
         count += entry.get("run") == str(run_id) and answered
     return count
 
-# Set in a ClientApp's process by the site's gate (fedcare/deploy/gate.py), which writes each reply's
+# Set in a ClientApp's process by the site's gate (fedcare_ops/deploy/gate.py), which writes each reply's
 # line itself: the bundle's own mod (client_app/egress.py) then stands down, so no line is written twice.
 EGRESS_BY_GATE = "FEDCARE_EGRESS_BY_GATE"
 

@@ -52,7 +52,7 @@ class StateError(FedcareError):
 # A site that cannot do what the server asked replies with a Flower Error carrying this code and
 # the reason "<site name>: <kind of problem>", so the server can file the failure under the right site.
 SITE_ERROR_CODE = 4101
-# The site's gate refused the run before any of its app ran (fedcare/deploy/gate.py): the reason is
+# The site's gate refused the run before any of its app ran (fedcare_ops/deploy/gate.py): the reason is
 # "<site name>: app not approved by this site: digest <sha256>" or the site's policy refusal.
 APP_REFUSED_CODE = 4102
 SITE_LOG_HINT = "the site's own log names the file or setting"

@@ -17,11 +17,12 @@ from typing import Any, Mapping
 
 import tomli_w
 
-from data_adapters.labels import SITE_FILE
 from fedcare.config import RunConfig, parse_site_folders
 from fedcare.errors import ConfigError
 from fedcare.policy import POLICY_KEYS, SitePolicy
 
+# A simulated site's own settings live beside its images; no reader takes them for data.
+SITE_FILE = "site.toml"
 DEFAULT_CACHE = "decode-cache"
 NODE_KEYS = ("site-name", "data-path", "state-path", "cache-dir", "device", *POLICY_KEYS)
 

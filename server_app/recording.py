@@ -4,7 +4,7 @@ run holds its ledger), rejected, failed, or silent; and the line per site and ro
 The log files every reply by site before the strategy aggregates (see `server_app.strategies`),
 so a refusal or a failure is recorded with its reason and never mistaken for an update.
 
-In deployment a site is the name registered with its node's key (`fedcare.deploy.identities`),
+In deployment a site is the name registered with its node's key (`fedcare.identities`),
 never the name the node claims: a node that claims another name, or is in no registry, is flagged
 and its replies are rejected. In simulation (no registry) the partition's name is used.
 """

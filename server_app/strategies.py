@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from fedcare.config import RunConfig
-from fedcare.deploy.identities import names_by_node
+from fedcare.identities import names_by_node
 from fedcare.errors import FedcareError
 from server_app.recording import RoundLog
 from server_app.validation import screen_updates

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcare.cli import main
+from fedcare_ops.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

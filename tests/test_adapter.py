@@ -15,7 +15,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import apply_rescale
 
-from data_adapters import SeededSplit, cached_site_images, read_labels, read_site, site_datasets, split_indices, write_demo_sites
+from data_adapters import SeededSplit, cached_site_images, read_labels, read_site, site_datasets, split_indices
+
+from fedcare_ops.demo_data import write_demo_sites
 from fedcare.errors import SiteDataError
 
 

@@ -15,11 +15,11 @@ from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 from flwr.superlink.routers.control import router as control_router
 from flwr.superlink.routers.fleet.router import router as fleet_router
 
-from fedcare.deploy.approvals import Approvals, app_digest
-from fedcare.deploy.credentials import make_site_key
-from fedcare.deploy.fleet_port import allowed
-from fedcare.deploy.gate import check_run_request, refusal
-from fedcare.deploy.identities import key_fingerprint, names_by_node, record_registrations
+from fedcare_ops.deploy.approvals import Approvals, app_digest
+from fedcare_ops.deploy.credentials import make_site_key
+from fedcare_ops.deploy.fleet_port import allowed
+from fedcare_ops.deploy.gate import check_run_request, refusal
+from fedcare.identities import key_fingerprint, names_by_node, record_registrations
 from fedcare.errors import APP_REFUSED_CODE, FedcareError
 from server_app.history_check import check_histories
 from server_app.recording import RoundLog

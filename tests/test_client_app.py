@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from client_app.app import app, evaluate_global, train
-from data_adapters import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import RunConfig
 from fedcare.errors import SITE_ERROR_CODE
 from fedcare.model import build_model

@@ -90,7 +90,7 @@ def test_a_simulated_site_without_its_settings_file_stops_in_one_line(tmp_path):
 def test_cli_check_config_reports_a_wrong_key_in_one_line(tmp_path):
     preset = tmp_path / "bad.toml"
     preset.write_text("num-server-rounds = 3\nlocal-epoch = 2\n")
-    done = subprocess.run([sys.executable, "-m", "fedcare", "check-config", str(preset)],
+    done = subprocess.run([sys.executable, "-m", "fedcare_ops", "check-config", str(preset)],
                           capture_output=True, text=True)
     assert done.returncode == 1
     assert "local-epoch" in done.stderr and str(preset) in done.stderr
@@ -100,7 +100,7 @@ def test_cli_check_config_reports_a_wrong_key_in_one_line(tmp_path):
 def test_cli_run_names_a_missing_site_folder_in_one_line(tmp_path):
     preset = tmp_path / "mine.toml"
     preset.write_text(f'data-root = "{tmp_path / "nowhere"}"\noutputs-dir = "{tmp_path / "out"}"\n')
-    done = subprocess.run([sys.executable, "-m", "fedcare", "run", "--config", str(preset), "--sites", "2"],
+    done = subprocess.run([sys.executable, "-m", "fedcare_ops", "run", "--config", str(preset), "--sites", "2"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 1
     assert "nowhere" in done.stderr and "site-0" in done.stderr and "fedcare demo-data" in done.stderr

@@ -12,7 +12,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from data_adapters.demo_data import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from fedcare.errors import SiteDataError
 
 CASES = [12, 20, 16]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from data_adapters import write_demo_sites
-from fedcare.federation import run_simulation
+from fedcare_ops.demo_data import write_demo_sites
+from fedcare_ops.federation import run_simulation
 from fedcare.privacy.ledger import Ledger
 
 pytestmark = pytest.mark.slow

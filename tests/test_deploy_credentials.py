@@ -12,8 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedcare.deploy.credentials import certificate_hosts, check_coordinator, make_credentials
-from fedcare.deploy.entrypoint import coordinator_command, coordinator_commands, site_command, site_commands
+from fedcare_ops.deploy.credentials import certificate_hosts, check_coordinator, make_credentials
+from fedcare_ops.deploy.entrypoint import coordinator_command, coordinator_commands, site_command, site_commands
 from fedcare.errors import FedcareError
 from tests.cli_checks import one_line_error
 
@@ -116,7 +116,7 @@ def test_entrypoint_builds_the_flower_commands_with_tls_auth_and_node_config(cre
     both = coordinator_commands({"FEDCARE_TLS_DIR": str(credentials / "coordinator"), "FEDCARE_HOST": "10.0.0.5",
                                  "FEDCARE_STATE": str(tmp_path / "c")})
     fleet = both["fleet-port"]
-    assert "fedcare.deploy.fleet_port" in fleet and fleet[fleet.index("--port") + 1] == "9092"
+    assert "fedcare_ops.deploy.fleet_port" in fleet and fleet[fleet.index("--port") + 1] == "9092"
     assert fleet[fleet.index("--upstream") + 1] == "127.0.0.1:9093"
     site = site_command({"FEDCARE_TLS_DIR": str(credentials / "sites" / "site-1"), "FEDCARE_STATE": str(tmp_path / "s"),
                          "FEDCARE_SUPERLINK": "coordinator.example:9092", "FEDCARE_SITE_NAME": "st-olav",
@@ -129,7 +129,7 @@ def test_entrypoint_builds_the_flower_commands_with_tls_auth_and_node_config(cre
                               "FEDCARE_STATE": str(tmp_path / "s"), "FEDCARE_SUPERLINK": "coordinator.example:9092",
                               "FEDCARE_SITE_NAME": "st-olav", "FEDCARE_DATA": str(tmp_path),
                               "FEDCARE_BUDGET_EPSILON": "8"})["site-exec"]
-    assert "fedcare.deploy.site_exec" in executor
+    assert "fedcare_ops.deploy.site_exec" in executor
     assert executor[executor.index("--runtime-api-address") + 1] == "127.0.0.1:9094"
 
 
@@ -154,7 +154,7 @@ def test_control_port_must_differ_from_the_fleet_port(credentials, tmp_path):
 
 def test_a_roles_processes_end_together_with_the_first_ones_status(tmp_path):
     # What the entry point does with a role's two processes: one exits, the other is stopped.
-    done = subprocess.run([sys.executable, "-c", "import os, sys; from fedcare.deploy.supervise import supervise; "
+    done = subprocess.run([sys.executable, "-c", "import os, sys; from fedcare_ops.deploy.supervise import supervise; "
                            "sys.exit(supervise({'long': ['sleep', '60'], 'short': ['sh', '-c', 'exit 3']}, "
                            "os.environ))"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 3 and "short exited with status 3" in done.stderr

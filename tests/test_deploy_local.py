@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from data_adapters import write_demo_sites
-from fedcare.deploy.local import LocalFederation, check_run
-from fedcare.deploy.credentials import make_site_key
-from fedcare.processes import TAG
+from fedcare_ops.demo_data import write_demo_sites
+from fedcare_ops.deploy.local import LocalFederation, check_run
+from fedcare_ops.deploy.credentials import make_site_key
+from fedcare_ops.processes import TAG
 from fedcare.privacy.ledger import Ledger
 from tests.deploy_helpers import processes_mentioning
 
@@ -136,7 +136,7 @@ def _environ(pid: int) -> bytes:
 
 
 def _node_list(federation: LocalFederation) -> list[int]:
-    from fedcare.deploy.register import flwr_env
+    from fedcare_ops.deploy.register import flwr_env
 
     done = subprocess.run([str(Path(sys.executable).with_name("flwr")), "supernode", "list", "fedcare", "--format",
                            "json"], env=flwr_env(federation.home), capture_output=True, text=True, timeout=60)

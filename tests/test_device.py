@@ -13,11 +13,11 @@ import torch
 from flwr.app import Context, RecordDict
 
 from client_app.app import app, train
-from data_adapters import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import load_preset
 from fedcare.device import resolve_device
 from fedcare.errors import ConfigError, FedcareError
-from fedcare.federation import SiteResources, run_simulation
+from fedcare_ops.federation import SiteResources, run_simulation
 from fedcare.model import build_model, check_private_trainable
 from tests.test_client_app import RUN, request
 

@@ -10,13 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from data_adapters.cache import clear_cache
-from data_adapters.check_site import DEFAULT_CACHE_FOLDER
+from fedcare_ops.check_site import DEFAULT_CACHE_FOLDER
 from data_adapters.dataset import site_datasets
 from data_adapters.split import SeededSplit
-from data_adapters.demo_data import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from data_adapters.dicom import load_site, manifest_for
 from data_adapters.transforms import Preprocess
-from fedcare.cli import app
+from fedcare_ops.cli import app
 from fedcare.errors import SiteDataError
 
 

@@ -16,9 +16,9 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from data_adapters.dataset import split_indices
-from data_adapters.demo_data import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from data_adapters.dicom import read_site
-from fedcare.cli import app
+from fedcare_ops.cli import app
 from fedcare.config import load_preset
 from fedcare.privacy.accounting import default_delta, epsilon, noise_multiplier_for
 
@@ -45,7 +45,7 @@ def _pydicom_decodes(path: Path) -> bool:
 def test_whole_pydicom_test_folder(tmp_path: Path) -> None:
     site = tmp_path / "site"
     shutil.copytree(PYDICOM_FILES, site)
-    run = subprocess.run([sys.executable, "-m", "fedcare", "check-site", str(site), "--json"],
+    run = subprocess.run([sys.executable, "-m", "fedcare_ops", "check-site", str(site), "--json"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert "Traceback" not in run.stderr and run.returncode == 1  # no label manifest: not ready
     report = json.loads(run.stdout)
@@ -62,7 +62,7 @@ def test_whole_pydicom_test_folder(tmp_path: Path) -> None:
 
 # 125 cases: 100 train, so 1/(10 N) is 1e-3, the largest delta the readiness rules accept.
 CASES = 125
-SERIES = 75  # one patient each, of one to three images (data_adapters.demo_data)
+SERIES = 75  # one patient each, of one to three images (fedcare_ops.demo_data)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from data_adapters.dataset import site_datasets
 from data_adapters.split import SeededSplit, split_indices
-from data_adapters.demo_data import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from data_adapters.dicom import read_site
 from data_adapters.labels import read_manifest
 from fedcare.errors import SiteDataError

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from data_adapters import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import RunConfig
 from fedcare.egress import append_entry, reply_entry
-from fedcare.federation import clear_demo_state
+from fedcare_ops.federation import clear_demo_state
 from fedcare.model import build_model
 from tests.test_client_app import request
 

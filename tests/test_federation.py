@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_adapters import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import RunConfig
 from fedcare.model import build_model
-from fedcare.federation import run_simulation
+from fedcare_ops.federation import run_simulation
 from fedcare.privacy.ledger import Ledger
 from fedcare.sites import write_site_settings
 

@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from fedcare.deploy.entrypoint import healthy, state_problem
+from fedcare_ops.deploy.entrypoint import healthy, state_problem
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ SITES = {"north": ("98892001", "77654033"), "south": ("98892003",)}
 
 
 def fedcare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedcare", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedcare_ops", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
 
 

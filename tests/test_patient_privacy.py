@@ -11,7 +11,8 @@ from flwr.app import Context, RecordDict
 from torch.utils.data import TensorDataset
 
 from client_app.app import train
-from data_adapters import StoredSplit, write_demo_sites
+from data_adapters import StoredSplit
+from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import RunConfig
 from fedcare.model import build_model
 from fedcare.policy import SitePolicy

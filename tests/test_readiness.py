@@ -13,11 +13,11 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client_app.app import train
-from data_adapters import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from data_adapters.readiness import check_site
 from fedcare.config import RunConfig
 from fedcare.errors import SITE_ERROR_CODE, SiteNotReady
-from fedcare.federation import NotReady, preflight, run_simulation
+from fedcare_ops.federation import NotReady, preflight, run_simulation
 from fedcare.policy import SitePolicy
 from fedcare.readiness import run_problems
 from fedcare.sites import write_site_settings

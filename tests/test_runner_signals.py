@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from data_adapters import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_sigterm_stops_every_process_the_run_started(tmp_path):
                       f'outputs-dir = "{tmp_path / "out"}"\nbatch-size = 16\n')
     home = tmp_path / "out" / "flwr-home"
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        run = subprocess.Popen([sys.executable, "-m", "fedcare", "run", "--config", str(preset), "--sites", "2"],
+        run = subprocess.Popen([sys.executable, "-m", "fedcare_ops", "run", "--config", str(preset), "--sites", "2"],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
             deadline = time.monotonic() + 180

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_adapters import segmentation_volume_datasets, write_demo_segmentation_sites
+from data_adapters import segmentation_volume_datasets
+
+from fedcare_ops.demo_segmentation import write_demo_segmentation_sites
 from fedcare.config import RunConfig
 from fedcare.model import GRAD_SAMPLE_MODE, build_model, check_private_trainable, grad_sample_mode
 from fedcare.privacy.dpsgd import plan_round, private_training, train_private

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from data_adapters import write_demo_segmentation_sites
-from fedcare.federation import run_simulation
+from fedcare_ops.demo_segmentation import write_demo_segmentation_sites
+from fedcare_ops.federation import run_simulation
 from fedcare.privacy.ledger import Ledger
 from tests.test_segmentation_federation import ROOT
 

@@ -8,7 +8,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from data_adapters import SeededSplit, read_segmentation_site, segmentation_datasets, write_demo_segmentation_sites
+from data_adapters import SeededSplit, read_segmentation_site, segmentation_datasets
+
+from fedcare_ops.demo_segmentation import write_demo_segmentation_sites
 from data_adapters.transforms import Preprocess, apply_window
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from data_adapters import segmentation_datasets, write_demo_segmentation_sites
-from fedcare.federation import run_simulation
+from data_adapters import segmentation_datasets
+
+from fedcare_ops.demo_segmentation import write_demo_segmentation_sites
+from fedcare_ops.federation import run_simulation
 from fedcare.privacy.ledger import Ledger
 from fedcare.segmentation import all_background_dice
 

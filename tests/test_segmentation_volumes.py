@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from data_adapters import SeededSplit, read_segmentation_volumes, segmentation_volume_datasets, write_demo_segmentation_sites
+from data_adapters import SeededSplit, read_segmentation_volumes, segmentation_volume_datasets
+
+from fedcare_ops.demo_segmentation import write_demo_segmentation_sites
 from data_adapters.decode import read_file
 from data_adapters.index import index_site
 from data_adapters.segmentation import SegmentedSeries

@@ -16,7 +16,7 @@ import pytest
 from flwr.app import ArrayRecord, Context, RecordDict
 
 from client_app.app import app
-from data_adapters import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import RunConfig
 from fedcare.model import build_model
 from server_app.app import publish

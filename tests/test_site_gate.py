@@ -25,10 +25,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from data_adapters import write_demo_sites
-from fedcare.deploy.approvals import app_digest
-from fedcare.deploy.local import LocalFederation, check_run
-from fedcare.deploy.register import flwr_env, write_connection
+from fedcare_ops.demo_data import write_demo_sites
+from fedcare_ops.deploy.approvals import app_digest
+from fedcare_ops.deploy.local import LocalFederation, check_run
+from fedcare_ops.deploy.register import flwr_env, write_connection
 from tests.deploy_helpers import copy_project, processes_mentioning
 
 pytestmark = pytest.mark.slow

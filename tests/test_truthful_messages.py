@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 from flwr.common.logger import console_handler
 
 from client_app.app import train
-from data_adapters import write_demo_sites
+from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import RunConfig
 from fedcare.errors import LedgerBusy, LedgerError
 from fedcare.model import build_model

@@ -28,11 +28,11 @@ from typing import Any, Iterator
 import tomli_w
 import torch
 
-from data_adapters.demo_data import is_demo_site
+from fedcare_ops.demo_data import is_demo_site
 from data_adapters.readiness import check_site
 from fedcare.config import RunConfig, parse_site_folders, read_preset
 from fedcare.errors import FedcareError
-from fedcare.processes import TAG, free_port, stop_tagged
+from fedcare_ops.processes import TAG, free_port, stop_tagged
 from fedcare.readiness import run_problems
 from fedcare.sites import site_from_node_config, simulated_sites
 

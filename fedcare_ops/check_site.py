@@ -18,8 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from data_adapters.labels import SITE_FILE
-from fedcare.sites import site_policy_file
+from fedcare.sites import SITE_FILE, site_policy_file
 
 __all__ = ["check_site_command", "cache_clear_command", "DEFAULT_CACHE_FOLDER"]
 
@@ -55,7 +54,7 @@ def check_site_command(
     """
     from fedcare.config import RunConfig, load_preset
 
-    from .readiness import DEFAULT_POLICY, check_site
+    from data_adapters.readiness import DEFAULT_POLICY, check_site
 
     run_config = load_preset(config) if config else RunConfig()
     settings = site_settings or path / SITE_FILE
@@ -76,7 +75,7 @@ def cache_clear_command(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="A decode cache folder to clear."),
 ) -> None:
     """Delete a site's decode cache; the next round decodes its DICOM again."""
-    from .cache import clear_cache
+    from data_adapters.cache import clear_cache
 
     if (state is None) == (cache_dir is None):
         raise click.UsageError("give exactly one of --state or --cache-dir")

@@ -3,14 +3,14 @@
 Settings come from environment variables, so one image serves every hospital and the coordinator;
 keys and certificates come from mounted files. Every file is checked here first, so a wrong mount
 ends in one line naming it rather than in Flower's traceback or an endless reconnect loop; then
-the role's processes start together (`fedcare.deploy.supervise`):
+the role's processes start together (`fedcare_ops.deploy.supervise`):
 
 - coordinator: `flower-superlink` on the operator's address only (loopback by default), whose one
   HTTP port serves Flower's Control, Runtime and Fleet APIs alike, and `fedcare-fleet-port` on the
-  public port, which passes on only the Fleet API the sites need (`fedcare.deploy.fleet_port`);
+  public port, which passes on only the Fleet API the sites need (`fedcare_ops.deploy.fleet_port`);
 - site: `flower-supernode --isolation process`, which runs no ClientApp itself, and
   `fedcare-site-exec`, which runs each ClientApp task through the site's gate: only app bundles
-  whose digest the site approved run, and the gate writes the egress log (`fedcare.deploy.gate`).
+  whose digest the site approved run, and the gate writes the egress log (`fedcare_ops.deploy.gate`).
 
     FEDCARE_TLS_DIR          folder with ca.crt and server.pem/server.key (coordinator) or site.key (site)
     FEDCARE_STATE            writable folder: ledger, approvals, egress log, FLWR_HOME, the coordinator's database
@@ -44,9 +44,9 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedcare.deploy.credentials import check_coordinator, check_host, check_site
-from fedcare.deploy.identities import REGISTRY_FILE, REGISTRY_VARIABLE
-from fedcare.deploy.supervise import supervise
+from fedcare_ops.deploy.credentials import check_coordinator, check_host, check_site
+from fedcare.identities import REGISTRY_FILE, REGISTRY_VARIABLE
+from fedcare_ops.deploy.supervise import supervise
 from fedcare.errors import FedcareError
 from fedcare.policy import POLICY_DEFAULTS, POLICY_KEYS, SitePolicy
 
@@ -90,7 +90,7 @@ def coordinator_commands(env: Mapping[str, str]) -> dict[str, list[str]]:
     control_host = _get(env, "FEDCARE_CONTROL_LISTEN", LOOPBACK)
     upstream = LOOPBACK if control_host in ("0.0.0.0", "::") else control_host
     check_host(tls / "server.pem", upstream)  # the Fleet port verifies the SuperLink's certificate
-    fleet = [sys.executable, "-m", "fedcare.deploy.fleet_port", "--listen", _get(env, "FEDCARE_LISTEN", "0.0.0.0"),
+    fleet = [sys.executable, "-m", "fedcare_ops.deploy.fleet_port", "--listen", _get(env, "FEDCARE_LISTEN", "0.0.0.0"),
              "--port", public, "--upstream", f"{upstream}:{control}", "--certfile", str(tls / "server.pem"),
              "--keyfile", str(tls / "server.key"), "--ca", str(tls / "ca.crt")]
     return {"superlink": superlink, "fleet-port": fleet}
@@ -127,7 +127,7 @@ def site_commands(env: Mapping[str, str]) -> dict[str, list[str]]:
     """The site's processes: the SuperNode, and the executor that runs each ClientApp through the gate."""
     supernode = site_command(env)
     runtime = f"{LOOPBACK}:{_port(env, 'FEDCARE_RUNTIME_PORT', SITE_RUNTIME_PORT)}"
-    executor = [sys.executable, "-m", "fedcare.deploy.site_exec", "--runtime-api-address", runtime,
+    executor = [sys.executable, "-m", "fedcare_ops.deploy.site_exec", "--runtime-api-address", runtime,
                 "--state", str(_state(env))]
     return {"supernode": supernode, "site-exec": executor}
 

@@ -15,5 +15,5 @@
   site's name to its key's node id, which the ServerApp files replies by;
 - `local`: the whole hospital path on loopback (`make deploy-local`).
 
-Starting and stopping the Flower processes, and picking free ports, is `fedcare.processes`.
+Starting and stopping the Flower processes, and picking free ports, is `fedcare_ops.processes`.
 """

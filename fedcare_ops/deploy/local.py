@@ -21,11 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedcare.deploy.approvals import Approvals, app_digest
-from fedcare.deploy.credentials import make_credentials
-from fedcare.deploy.identities import REGISTRY_FILE
-from fedcare.processes import Processes, free_port, wait_for_port
-from fedcare.deploy.register import CONNECTION, flwr_env, register_sites, site_keys
+from fedcare_ops.demo_data import write_demo_sites
+from fedcare_ops.deploy.approvals import Approvals, app_digest
+from fedcare_ops.deploy.credentials import make_credentials
+from fedcare.identities import REGISTRY_FILE
+from fedcare_ops.processes import Processes, free_port, wait_for_port
+from fedcare_ops.deploy.register import CONNECTION, flwr_env, register_sites, site_keys
 from fedcare.errors import FedcareError
 
 HOST = "localhost"  # the name the sites use for the coordinator, and so the one its certificate must carry
@@ -163,8 +164,6 @@ def check_run(folder: Path, sites: Sequence[str], rounds: int) -> dict[str, Any]
 def run_local(root: Path, project: Path, sites: int = 2, rounds: int = 2, cases: Sequence[int] | None = None,
               settings: Mapping[str, Any] | None = None) -> Path:
     """The whole loopback deployment from nothing; returns the checked run folder."""
-    from data_adapters import write_demo_sites
-
     root = Path(root).resolve()
     names = [f"site-{index}" for index in range(sites)]
     data = root / "demo-data"

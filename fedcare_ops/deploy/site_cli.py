@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedcare.deploy.approvals import Approvals, app_digest
+from fedcare_ops.deploy.approvals import Approvals, app_digest
 
 console = Console()
 app_app = typer.Typer(no_args_is_help=True, help="The Flower app bundle a run submits.")

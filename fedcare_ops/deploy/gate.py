@@ -2,13 +2,13 @@
 
 Flower hook (flwr >=1.42,<1.43, pinned in pyproject.toml). A site's SuperNode is started with
 `--isolation process`, so it runs no ClientApp itself; the site's own executor
-(`fedcare.deploy.site_exec`, installed in the site image) takes each ClientApp task from the
+(`fedcare_ops.deploy.site_exec`, installed in the site image) takes each ClientApp task from the
 SuperNode's Runtime API and starts this program instead of Flower's `flwr-clientapp`. It does what
 `flwr/supernode/runtime/run_clientapp.py` does, with the site's checks in between:
 
 1. `pull_task_input` (Flower's): the message, context, run and the FAB bytes the coordinator sent;
 2. the sha256 of those bytes (what Flower calls `fab.hash_str`) must be on the site's approved list
-   (`fedcare.deploy.approvals`), and the run request must pass `check_run_request`: BEFORE
+   (`fedcare_ops.deploy.approvals`), and the run request must pass `check_run_request`: BEFORE
    `install_from_fab` or any import from the bundle. A refused bundle gets an Error reply
    ("app not approved by this site: digest ..."), the site logs the digest, and no file of it runs;
 3. otherwise `install_from_fab`, `get_load_client_app_fn` and the ClientApp's call, as Flower does;
@@ -43,7 +43,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedcare.config import RunConfig
-from fedcare.deploy.approvals import Approvals
+from fedcare_ops.deploy.approvals import Approvals
 from fedcare.egress import EGRESS_BY_GATE, append_entry, network_name, reply_entry
 from fedcare.errors import APP_REFUSED_CODE, FedcareError
 from fedcare.sites import site_from_settings

@@ -3,7 +3,7 @@
 The `flwr` CLI reaches a SuperLink through a named connection in `$FLWR_HOME/config.toml`; we
 write one (address and the CA that signed the coordinator's certificate) into a FLWR_HOME of our
 own, never into the operator's `~/.flwr`. The node id the SuperLink gives each key is recorded
-with the site's name in the coordinator's site registry (`fedcare.deploy.identities`).
+with the site's name in the coordinator's site registry (`fedcare.identities`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedcare.deploy.credentials import check_host, check_public_key, load_certificate
-from fedcare.deploy.identities import record_registrations
+from fedcare_ops.deploy.credentials import check_host, check_public_key, load_certificate
+from fedcare.identities import record_registrations
 from fedcare.errors import FedcareError
 
 CONNECTION = "fedcare"

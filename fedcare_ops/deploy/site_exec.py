@@ -1,11 +1,11 @@
 """The site's executor (`fedcare-site-exec`): takes ClientApp tasks from the site's own SuperNode and
-runs each through the site's gate (`fedcare.deploy.gate`), never through Flower's `flwr-clientapp`.
+runs each through the site's gate (`fedcare_ops.deploy.gate`), never through Flower's `flwr-clientapp`.
 
 Flower hook (flwr >=1.42,<1.43). With `flower-supernode --isolation process` the SuperNode starts
 no executor of its own; whatever the site runs beside it asks the SuperNode's Runtime API for work
 with `AcquireTask` (what `flower-superexec`'s loop does in `flwr/supercore/superexec/run_superexec.py`)
 and gets a task and a token. This loop asks only for `flwr-clientapp` tasks and starts
-`python -m fedcare.deploy.gate` for each, with the token in its environment (not on its command line).
+`python -m fedcare_ops.deploy.gate` for each, with the token in its environment (not on its command line).
 It runs from the site image and reads nothing from any app bundle.
 """
 
@@ -30,7 +30,7 @@ POLL_SECONDS = 1.0  # Flower's own SuperExec default
 
 def gate_command(runtime_api_address: str, state: Path) -> list[str]:
     """The command that runs one task through the gate: this interpreter, the site image's code."""
-    return [sys.executable, "-m", "fedcare.deploy.gate", "--runtime-api-address", runtime_api_address,
+    return [sys.executable, "-m", "fedcare_ops.deploy.gate", "--runtime-api-address", runtime_api_address,
             "--state", str(state), "--parent-pid", str(os.getpid())]
 
 

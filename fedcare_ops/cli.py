@@ -38,8 +38,10 @@ def demo_data(
                                           "(dp-required = false in each site.toml); off by default."),
 ) -> None:
     """Write real DICOM files and a labels.csv (or DICOM SEG masks) for each simulated hospital."""
-    from data_adapters import write_demo_segmentation_sites, write_demo_sites
-    from data_adapters.labels import LABELS_FILENAME, SITE_FILE
+    from data_adapters.labels import LABELS_FILENAME
+    from fedcare.sites import SITE_FILE
+    from fedcare_ops.demo_data import write_demo_sites
+    from fedcare_ops.demo_segmentation import write_demo_segmentation_sites
 
     if task not in ("classification", "segmentation"):
         raise FedcareError(f"--task {task!r} must be classification or segmentation")
@@ -73,7 +75,7 @@ def run(
     Exits 1 when the run or a site is not ready (every problem printed first), when the run stops,
     or when a site failed every round; 130 on Ctrl-C or SIGTERM, after stopping every process it started.
     """
-    from fedcare.federation import NotReady, SiteResources, clear_demo_state, resolve_config, run_simulation
+    from fedcare_ops.federation import NotReady, SiteResources, clear_demo_state, resolve_config, run_simulation
     from fedcare.outputs import failed_every_round
     from fedcare.sites import simulated_sites
 
@@ -212,20 +214,20 @@ def ledger_init(
 
 
 # Site-side data commands; their modules import the heavy parts only when a command runs.
-from data_adapters.check_site import cache_clear_command, check_site_command  # noqa: E402
+from fedcare_ops.check_site import cache_clear_command, check_site_command  # noqa: E402
 
 app.command("check-site")(check_site_command)
 cache_app = typer.Typer(no_args_is_help=True, help="The site's decode cache.")
 cache_app.command("clear")(cache_clear_command)
 app.add_typer(cache_app, name="cache")
 
-# Which app bundles a site runs: their digest, and the site's approvals (fedcare/deploy/site_cli.py).
-from fedcare.deploy.site_cli import app_app, site_app  # noqa: E402
+# Which app bundles a site runs: their digest, and the site's approvals (fedcare_ops/deploy/site_cli.py).
+from fedcare_ops.deploy.site_cli import app_app, site_app  # noqa: E402
 
 app.add_typer(app_app, name="app")
 app.add_typer(site_app, name="site")
 
-# Deployment: credentials, key registration and the loopback federation (fedcare/deploy/).
+# Deployment: credentials, key registration and the loopback federation (fedcare_ops/deploy/).
 deploy_app = typer.Typer(no_args_is_help=True, help="Deploy across hospitals: credentials, site keys, a loopback run.")
 app.add_typer(deploy_app, name="deploy")
 
@@ -239,7 +241,7 @@ def deploy_init(
     overwrite: bool = typer.Option(False, help="Replace the credentials already in --out."),
 ) -> None:
     """Make a CA, the coordinator's TLS certificate and one SECP384R1 key pair per site."""
-    from fedcare.deploy.credentials import make_credentials
+    from fedcare_ops.deploy.credentials import make_credentials
 
     names = site or [f"site-{index}" for index in range(sites)]
     make_credentials(out, names, host, overwrite=overwrite)
@@ -255,8 +257,8 @@ def deploy_register(
 ) -> None:
     """Register the sites' public keys with the coordinator's SuperLink (its control port), and bind
     each site's name to its key in the coordinator's site registry."""
-    from fedcare.deploy.identities import REGISTRY_FILE
-    from fedcare.deploy.register import register_sites, site_keys
+    from fedcare.identities import REGISTRY_FILE
+    from fedcare_ops.deploy.register import register_sites, site_keys
 
     coordinator = credentials / "coordinator"
     node_ids = register_sites(site_keys(credentials, site), superlink, coordinator / "ca.crt",
@@ -275,7 +277,7 @@ def deploy_local(
     project: Path = typer.Option(Path("."), help="The Flower app's folder."),
 ) -> None:
     """Run a real TLS, key-authenticated federation on loopback; stop every process it started."""
-    from fedcare.deploy.local import run_local
+    from fedcare_ops.deploy.local import run_local
 
     folder = run_local(out, project, sites=sites, rounds=rounds)
     show_run(folder)
