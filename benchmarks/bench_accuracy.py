@@ -27,7 +27,8 @@ from torch.utils.data import ConcatDataset  # noqa: E402
 from data_adapters import SeededSplit, site_datasets  # noqa: E402
 from fedcare.config import RunConfig  # noqa: E402
 from fedcare.model import build_model  # noqa: E402
-from fedcare.training import evaluate, train_plain  # noqa: E402
+from fedcare.tasks import task_for  # noqa: E402
+from fedcare.training import train_plain  # noqa: E402
 
 COMMAND = "python benchmarks/run.py --only accuracy"
 TARGET = 0.9
@@ -37,8 +38,8 @@ LOW_EPSILON = 2.0
 def _centralised(config: RunConfig, splits: dict, train_on: list[str]) -> dict:
     """Train one model on the named sites' training splits; score it on every site's validation split."""
     model = build_model(config)
-    train_plain(model, ConcatDataset([splits[name].train for name in train_on]), config)
-    scores = {name: evaluate(model, split.val, config.batch_size) for name, split in splits.items()}
+    train_plain(model, ConcatDataset([splits[name].train for name in train_on]), config, task_for(config).loss(config))
+    scores = {name: task_for(config).evaluate(model, split, config) for name, split in splits.items()}
     return {"auc": weighted_auc([(scores[n]["auc"], splits[n].num_val) for n in splits]),
             "own_auc": {n: scores[n]["auc"] for n in train_on} if len(train_on) == 1 else None}
 

@@ -7,7 +7,7 @@ plain side is `make_loader` + `make_optimizer` + `train_epochs`, the private sid
 `plan_round`) + `train_epochs`. Each repetition times every variant once, in turn; a process's
 ratio is the median over its repetitions of private/plain, and the row's is the median over
 several fresh processes. Every `grad_sample_mode` is tried; the row's ratio
-is the one of "auto", the mode the project picks (fedcare.model.GRAD_SAMPLE_MODE).
+is the one of "auto", the mode the project picks (fedcare.model.MEASURED_MODE).
 Target: <= 1.6x, the CPU figure in Opacus' own README.
 """
 
@@ -102,7 +102,7 @@ def run(quick: bool) -> list[dict]:
         ratios = [median_ratio(one["times"], mode, "plain") for one in measured]
         modes[mode] = {"works": True, "ratio": statistics.median(ratios), "per_process": [round(r, 2) for r in ratios],
                        "median_s": statistics.median(t for one in measured for t in one["times"][mode])}
-    auto = grad_sample_mode(_config())
+    auto = grad_sample_mode(build_model(_config()), _config())
     raw = {
         "train_samples": measured[0]["train_samples"], "batch_size": _config().batch_size, "processes": processes,
         "repeats_per_process": repeats, "threads": measured[0]["threads"],

@@ -25,14 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DP_SETTINGS, SCRATCH, demo_sites, federation, row, set_threads  # noqa: E402
 
-from data_adapters import StoredSplit, site_datasets  # noqa: E402
+from data_adapters import StoredSplit  # noqa: E402
 from fedcare.config import RunConfig  # noqa: E402
-from fedcare.model import build_model, check_private_trainable  # noqa: E402
+from fedcare.model import build_model  # noqa: E402
 from fedcare.privacy.dpsgd import plan_round, record_round, train_private  # noqa: E402
 from fedcare.privacy.ledger import Ledger  # noqa: E402
 from fedcare.privacy.units import private_units  # noqa: E402
 from fedcare.sites import Site, site_in_folder  # noqa: E402
-from fedcare.training import evaluate, train_plain  # noqa: E402
+from fedcare.tasks import task_for  # noqa: E402
+from fedcare.training import train_plain  # noqa: E402
 
 COMMAND = "python benchmarks/run.py --only framework-overhead"
 TARGET = 1.15
@@ -55,14 +56,13 @@ def dp_federation(quick: bool):
 
 def _site_round(config: RunConfig, site: Site, weights: dict, server_round: int) -> tuple[dict, int] | None:
     """What the ClientApp's train handler does for one site, without Flower; None when the site refuses."""
-    data = site_datasets(site.data_path, StoredSplit(site.split_path, site.policy.val_fraction), config.image_size)
+    data = task_for(config).datasets(config, site, StoredSplit(site.split_path, site.policy.val_fraction))
     model = build_model(config)
     model.load_state_dict(weights)
     proximal_mu = config.proximal_mu if config.strategy == "fedprox" else 0.0  # what FedProx sends
     if not config.dp:
-        train_plain(model, data.train, config, proximal_mu)
+        train_plain(model, data.train, config, task_for(config).loss(config), proximal_mu)
         return model.state_dict(), data.num_train
-    check_private_trainable(model)
     with Ledger(site.ledger_path).hold() as ledger:
         entries = ledger.entries()
         units = private_units(data.train, data.train_units, site.policy.privacy_unit)
@@ -75,10 +75,10 @@ def _site_round(config: RunConfig, site: Site, weights: dict, server_round: int)
 
 
 def _site_evaluate(config: RunConfig, site: Site, weights: dict) -> dict:
-    data = site_datasets(site.data_path, StoredSplit(site.split_path, site.policy.val_fraction), config.image_size)
+    data = task_for(config).datasets(config, site, StoredSplit(site.split_path, site.policy.val_fraction))
     model = build_model(config)
     model.load_state_dict(weights)
-    return evaluate(model, data.val, config.batch_size) | {"num-examples": data.num_val}
+    return task_for(config).evaluate(model, data, config) | {"num-examples": data.num_val}
 
 
 def average(updates: list[tuple[dict, int]]) -> dict:

@@ -38,7 +38,8 @@ from fedcare.model import build_model  # noqa: E402
 from fedcare.policy import SitePolicy  # noqa: E402
 from fedcare.privacy.dpsgd import plan_round, private_training  # noqa: E402
 from fedcare.sites import Site  # noqa: E402
-from fedcare.training import make_loader, make_optimizer, task_loss, train_epochs  # noqa: E402
+from fedcare.tasks import task_for  # noqa: E402
+from fedcare.training import make_loader, make_optimizer, train_epochs  # noqa: E402
 
 TARGET_2D = 1.3
 
@@ -73,7 +74,7 @@ def _epoch(preset: Preset, device: torch.device, private: bool, samples: int) ->
     config = replace(config, local_epochs=1)
     data = _data(preset, samples, config.task == "segmentation")
     model = build_model(config).to(device)
-    loss = task_loss(config)
+    loss = task_for(config).loss(config)
     steps = max(1, samples // config.batch_size)
     if private:
         site = Site("bench", ROOT, ROOT, SitePolicy(budget_epsilon=1e6, min_noise_multiplier=0.0, privacy_unit="image"))

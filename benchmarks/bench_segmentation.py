@@ -4,7 +4,7 @@ One optimizer step of the demo's 2D U-Net (64x64 slices, batch 32 as in configs/
 the 3D U-Net (32x32x8 patches, batch 4, as in configs/segmentation-3d.toml) is timed plain and
 privately in each mode, interleaved so that load from other work hits every variant alike; a
 row's ratio is the median private/plain time of the mode `grad-sample-mode = "auto"` picks for
-that network (fedcare/model.py GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODE_3D), which must be the fastest
+that network (fedcare/model.py MEASURED_MODE), which must be the fastest
 that works.
 """
 
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from fedcare.config import RunConfig  # noqa: E402
 from fedcare.model import build_model, grad_sample_mode  # noqa: E402
-from fedcare.training import task_loss  # noqa: E402
+from fedcare.tasks import task_for  # noqa: E402
 
 MODES = ("hooks", "functorch", "ew")
 TARGET = 1.6
@@ -54,7 +54,7 @@ def _stepper(config: RunConfig, shape: tuple[int, ...], mode: str | None):
             data_loader=DataLoader(TensorDataset(images, masks), batch_size=config.batch_size),
             noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
         )
-    loss_fn = task_loss(config)
+    loss_fn = task_for(config).loss(config)
 
     def step() -> None:
         optimizer.zero_grad()
@@ -87,7 +87,7 @@ def _row(name: str, config: RunConfig, shape: tuple[int, ...], repeats: int) -> 
         raw[mode] = {"works": True, "ms_per_step": round(1000 * statistics.median(times[mode]), 1),
                      "ratio": round(median_ratio(times, mode, "plain"), 3)}
     working = [m for m in MODES if raw[m].get("works")]
-    chosen = grad_sample_mode(config)
+    chosen = grad_sample_mode(build_model(config), config)
     raw["chosen"] = chosen
     raw["fastest"] = min(working, key=lambda m: raw[m]["ratio"]) if working else None
     ratio = raw[chosen]["ratio"] if raw.get(chosen, {}).get("works") else float("nan")

@@ -19,22 +19,21 @@ from torch import nn
 
 from client_app.egress import egress_log
 from client_app.guard import failed_reply, site_guard
-from data_adapters import SiteDatasets, StoredSplit, segmentation_datasets, segmentation_volume_datasets, site_datasets
-from data_adapters.transforms import parse_patch_size
+from data_adapters import SiteDatasets, StoredSplit
 from fedcare.config import RunConfig
 from fedcare.device import cpu_state, model_device, release, resolve_device
 from fedcare.egress import count_replies
 from fedcare.errors import StateError
-from fedcare.model import build_model, check_private_trainable
+from fedcare.model import build_model
 from fedcare.privacy.dpsgd import RoundPlan, plan_release_without_dp, plan_round, record_round, train_private
 from fedcare.privacy.ledger import Ledger, LedgerEntry, private_history
 from fedcare.privacy.randomness import reseed_global
 from fedcare.privacy.record import PrivacyRecord
 from fedcare.privacy.units import private_units
 from fedcare.readiness import SiteCounts, require_site_ready
-from fedcare.segmentation import evaluate_segmentation, evaluate_volumes
 from fedcare.sites import Site, site_from_node_config
-from fedcare.training import evaluate, task_loss, train_plain
+from fedcare.tasks import Task, task_for
+from fedcare.training import train_plain
 
 # site_guard outermost: not even a failing mod can send an exception's text out of the site.
 app = ClientApp(mods=[site_guard, egress_log])
@@ -46,6 +45,7 @@ class Work:
     """What a message asks of this site: the run's request, the site itself and the global model."""
 
     config: RunConfig
+    task: Task
     site: Site
     model: nn.Module  # on the site's device
     server_round: int
@@ -62,7 +62,8 @@ def start(msg: Message, context: Context) -> Work:
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.to(device)
     reseed_global()  # nothing after this draws from a state the run's seed set
-    return Work(config, site, model, int(msg.content["config"]["server-round"]), str(context.run_id))
+    return Work(config, task_for(config), site, model, int(msg.content["config"]["server-round"]),
+                str(context.run_id))
 
 
 def open_state(site: Site) -> None:
@@ -91,22 +92,9 @@ def ready_data(work: Work) -> SiteDatasets:
 
 
 def site_data(work: Work) -> SiteDatasets:
-    """The site's train/validation datasets for the run's task and input mode, on the site's own split."""
-    config, site = work.config, work.site
-    split = StoredSplit(site.split_path, site.policy.val_fraction)
-    if config.task == "segmentation" and config.input_mode == "3d":
-        return segmentation_volume_datasets(
-            site.data_path, split, window=config.window, spacing=config.spacing,
-            patch_size=config.patch_size, irregular=config.irregular_series,
-        )
-    if config.task == "segmentation":
-        return segmentation_datasets(site.data_path, split, config.image_size, window=config.window)
-    return site_datasets(
-        site.data_path, split, config.image_size, window=config.window,
-        input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
-        data_format=config.data_format, cache_dir=site.cache_path, patient_key=site.policy.patient_key,
-        missing_images=site.policy.missing_images,
-    )
+    """The site's train/validation datasets for the run's task, on the site's own split."""
+    split = StoredSplit(work.site.split_path, work.site.policy.val_fraction)
+    return work.task.datasets(work.config, work.site, split)
 
 
 @app.train()
@@ -137,7 +125,6 @@ def train_round(msg: Message, work: Work) -> Message:
 def train_within_budget(msg: Message, work: Work, ledger: Ledger, data: SiteDatasets, proximal_mu: float) -> Message:
     """Plan the round against the site's ledger; refuse it, or train it and record it before replying."""
     site = work.site
-    check_private_trainable(work.model)
     entries = ledger.entries()
     units = private_units(data.train, data.train_units, site.policy.privacy_unit)  # DP-SGD samples patients
     plan = plan_round(work.config, site, len(units), entries, work.run_id)
@@ -159,7 +146,7 @@ def train_without_dp(msg: Message, work: Work, ledger: Ledger, data: SiteDataset
     plan = plan_release_without_dp(work.config, work.site, len(set(data.train_units)) or data.num_train, entries)
     if not plan.affordable:
         return _privacy_reply(msg, work, plan.reply_fields() | _history_lists(entries, work.run_id))
-    loss = train_plain(work.model, data.train, work.config, proximal_mu)
+    loss = train_plain(work.model, data.train, work.config, work.task.loss(work.config), proximal_mu)
     record_round(ledger, plan.record, work.run_id, work.server_round)
     log.warning("%s round %d trained WITHOUT DP (allowed by the site's policy): loss %.4f; the release is unbounded",
                 work.site.name, work.server_round, loss)
@@ -188,20 +175,9 @@ def evaluate_within_quota(msg: Message, work: Work) -> Message:
         return Message(RecordDict({"refusal": ConfigRecord({"reason": reason}), "site": _site_record(work.site)}),
                        reply_to=msg)
     data = ready_data(work)
-    metrics = evaluate_site(work, data)
+    metrics = work.task.evaluate(work.model, data, work.config)
     metrics["num-examples"] = data.num_val
     return Message(RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(work.site)}), reply_to=msg)
-
-
-def evaluate_site(work: Work, data: SiteDatasets) -> dict[str, float]:
-    """The task's metrics of the global model on the site's validation split; segmentation's key is "dice"."""
-    config, model, val = work.config, work.model, data.val
-    if config.task != "segmentation":
-        return evaluate(model, val, config.batch_size)
-    if config.input_mode == "3d":
-        return evaluate_volumes(model, val, parse_patch_size(config.patch_size), config.batch_size,
-                                task_loss(config))
-    return evaluate_segmentation(model, val, config.batch_size, task_loss(config))
 
 
 def _update(msg: Message, work: Work, data: SiteDatasets, privacy: dict) -> Message:

@@ -13,7 +13,7 @@ from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedcare.config import RunConfig
-from fedcare.egress import EGRESS_BY_GATE, append_entry, network_name, reply_entry
+from fedcare.egress import EGRESS_BY_GATE, append_entry, network_spec, reply_entry
 from fedcare.errors import FedcareError
 from fedcare.sites import site_from_node_config
 
@@ -28,6 +28,6 @@ def egress_log(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     except FedcareError:
         return reply  # no state folder to write to; the handler has already answered with the error
     server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
-    network = network_name(config.model, config.input_mode)
+    network = network_spec(config)
     append_entry(site.state_path / "egress.jsonl", reply_entry(reply, context.run_id, server_round, network))
     return reply

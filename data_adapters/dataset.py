@@ -130,6 +130,7 @@ def site_datasets(
     data_format: str = "dicom",
     patient_key: str = "",
     missing_images: str = "stop",
+    classes: tuple[str, ...] = (),
 ) -> SiteDatasets:
     """Read (or reuse) a site's images and split them into train/validation MONAI datasets.
 
@@ -139,21 +140,22 @@ def site_datasets(
     `irregular`); `cache_dir` keeps the preprocessed arrays on disk for the next process;
     `data_format` 'nifti' reads converted .nii/.nii.gz volumes instead of DICOM; `patient_key` names the
     manifest's pseudonymous patient column (else DICOM PatientID tells whose each image is); `missing_images`
-    'report' trains on the other cases when manifest rows have no readable image, 'stop' refuses.
+    'report' trains on the other cases when manifest rows have no readable image, 'stop' refuses; `classes`
+    are the run's class names, which the manifest's labels must be (by name or index).
     """
     folder = require_folder(folder)
     preprocess = Preprocess(window=window, image_size=image_size, volume=input_mode == "3d")
     manifest_path = Path(labels_csv) if labels_csv is not None else folder / LABELS_FILENAME
     key = (folder.resolve(), manifest_path.resolve(), label_key, input_mode, irregular, preprocess.fingerprint,
-           str(cache_dir), data_format, patient_key, missing_images)
+           str(cache_dir), data_format, patient_key, missing_images, classes)
 
     def build() -> SiteImages:
         if data_format == "nifti":
-            return load_nifti_site(folder, nifti_manifest(folder, manifest_path), input_mode=input_mode,
+            return load_nifti_site(folder, nifti_manifest(folder, manifest_path, classes), input_mode=input_mode,
                                    preprocess=preprocess, cache_dir=cache_dir)
         if data_format != "dicom":
             raise SiteDataError(f"data-format {data_format!r} must be 'dicom' or 'nifti'")
-        manifest = manifest_for(folder, manifest_path, label_key, patient_key)
+        manifest = manifest_for(folder, manifest_path, label_key, patient_key, classes)
         return load_site(folder, manifest, input_mode=input_mode, irregular=irregular,
                          preprocess=preprocess, cache_dir=cache_dir, missing_images=missing_images)
 

@@ -189,10 +189,12 @@ def require_folder(folder: Path) -> Path:
     return folder
 
 
-def manifest_for(folder: Path, labels_csv: Path | None, label_key: str | None, patient_key: str = "") -> Manifest:
-    """The site's manifest: `labels_csv`, or labels.csv in the folder; `patient_key` names its patient column."""
+def manifest_for(folder: Path, labels_csv: Path | None, label_key: str | None, patient_key: str = "",
+                 classes: tuple[str, ...] = ()) -> Manifest:
+    """The site's manifest: `labels_csv`, or labels.csv in the folder; `patient_key` names its patient
+    column; `classes` are the run's class names, which its labels must be."""
     path = Path(labels_csv) if labels_csv is not None else Path(folder) / LABELS_FILENAME
-    return read_manifest(path, key=label_key, patient_column=patient_key)
+    return read_manifest(path, key=label_key, patient_column=patient_key, classes=classes)
 
 
 def load_site(

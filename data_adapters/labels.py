@@ -85,12 +85,13 @@ def _key_column(path: Path, names: list[str], header: list[str], key: str | None
 
 
 def read_manifest(csv_path: Path, key: str | None = None, allowed: tuple[str, ...] = DICOM_KEYS,
-                  patient_column: str = "") -> Manifest:
+                  patient_column: str = "", classes: tuple[str, ...] = ()) -> Manifest:
     """Read a manifest keyed by `key`, or by the most specific column of `allowed` it holds.
 
-    Extra columns are ignored and blank lines skipped. Labels must be non-negative integers
-    (class indices); a key value may appear only once. `patient_column` names a column of
-    pseudonymous patient keys (the site's `patient-key`); a row with it empty is its own patient.
+    Extra columns are ignored and blank lines skipped. With the run's `classes` (names in label
+    order), a label is a class name or its index, and anything else stops with the row; without
+    them, any non-negative integer. A key value may appear only once. `patient_column` names a column
+    of pseudonymous patient keys (the site's `patient-key`); a row with it empty is its own patient.
     """
     path = Path(csv_path)
     if key is not None and key.lower() not in {k.lower() for k in allowed}:
@@ -111,7 +112,8 @@ def read_manifest(csv_path: Path, key: str | None = None, allowed: tuple[str, ..
             raise _fail(path, f"header has no '{patient_column}' column, which the site's patient-key names",
                         "add the column or change patient-key", 1)
         patient_col = names.index(patient_column.lower()) if patient_column else None
-        _read_rows(manifest, reader, names.index(key.lower()), names.index(LABEL_COLUMN), patient_col)
+        _read_rows(manifest, reader, names.index(key.lower()), names.index(LABEL_COLUMN), patient_col,
+                   ClassLabels(classes))
     except csv.Error as exc:
         raise _fail(path, f"is not valid CSV ({exc})", f"write {_expected(key or allowed[0])}", reader.line_num) from None
     if not manifest.labels:
@@ -119,7 +121,33 @@ def read_manifest(csv_path: Path, key: str | None = None, allowed: tuple[str, ..
     return manifest
 
 
-def _read_rows(manifest: Manifest, reader, key_col: int, label_col: int, patient_col: int | None = None) -> None:
+class ClassLabels:
+    """Reads a label cell: a class name of the run, or its index; without names, any non-negative integer."""
+
+    def __init__(self, names: tuple[str, ...] = ()) -> None:
+        self.names = names
+        self.index = {name.lower(): label for label, name in enumerate(names)}
+
+    def __call__(self, raw: str) -> int | None:
+        """The label's class index, or None when it names no class of the run."""
+        if raw.lower() in self.index:
+            return self.index[raw.lower()]
+        try:
+            label = int(raw)
+        except ValueError:
+            return None
+        return label if 0 <= label < (len(self.names) if self.names else label + 1) else None
+
+    def fix(self) -> str:
+        if not self.names:
+            return "use class indices 0, 1, ..."
+        listed = ", ".join(f"{label} {name}" for label, name in enumerate(self.names))
+        return (f"the run's classes are {listed}: relabel the row with one of them, drop it, or add its class "
+                "to the run's classes")
+
+
+def _read_rows(manifest: Manifest, reader, key_col: int, label_col: int, patient_col: int | None,
+               read_label: ClassLabels) -> None:
     path, key = manifest.path, manifest.key
     for row in reader:
         line = reader.line_num
@@ -131,12 +159,10 @@ def _read_rows(manifest: Manifest, reader, key_col: int, label_col: int, patient
         value, raw_label = row[key_col].strip(), row[label_col].strip()
         if not value:
             raise _fail(path, f"{key} is empty", f"give the {key} of the case", line)
-        try:
-            label = int(raw_label)
-        except ValueError:
-            label = -1
-        if label < 0:
-            raise _fail(path, f"label {raw_label[:20]!r} is not a non-negative integer", "use class indices 0, 1, ...", line)
+        label = read_label(raw_label)
+        if label is None:
+            kind = "a class of the run" if read_label.names else "a non-negative integer"
+            raise _fail(path, f"label {raw_label[:20]!r} is not {kind}", read_label.fix(), line)
         if value in manifest.labels:
             raise _fail(path, f"{key} repeats row {manifest.rows[value]}", "keep one row per case", line)
         manifest.labels[value] = label

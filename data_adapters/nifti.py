@@ -54,9 +54,9 @@ def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return np.ascontiguousarray(array.transpose(2, 1, 0)), (pixdim[2], pixdim[1], pixdim[0])
 
 
-def nifti_manifest(folder: Path, labels_csv: Path | None = None) -> Manifest:
+def nifti_manifest(folder: Path, labels_csv: Path | None = None, classes: tuple[str, ...] = ()) -> Manifest:
     path = Path(labels_csv) if labels_csv is not None else Path(folder) / LABELS_FILENAME
-    return read_manifest(path, allowed=FILE_KEYS)
+    return read_manifest(path, allowed=FILE_KEYS, classes=classes)
 
 
 def _match(manifest: Manifest, relative: str, names: dict[str, int]) -> str | None:

@@ -107,13 +107,13 @@ def privacy_estimate(num_train: int, config: RunConfig, policy: SitePolicy = DEF
 
 
 def _manifest(folder: Path, labels: Path | None, label_key: str | None, patient_key: str,
-              problems: list[str]) -> Manifest | None:
+              classes: tuple[str, ...], problems: list[str]) -> Manifest | None:
     path = labels if labels is not None else folder / LABELS_FILENAME
     if labels is None and not path.exists():
         problems.append(f"no label manifest: pass --labels or write {path}")
         return None
     try:
-        return read_manifest(path, key=label_key, patient_column=patient_key)
+        return read_manifest(path, key=label_key, patient_column=patient_key, classes=classes)
     except FedcareError as err:
         problems.append(str(err))
         return None
@@ -175,7 +175,7 @@ def check_site(
     window = window if window is not None else config.window
     problems: list[str] = []
     warnings: list[str] = []
-    manifest = _manifest(Path(folder), labels, label_key, policy.patient_key, problems)
+    manifest = _manifest(Path(folder), labels, label_key, policy.patient_key, config.class_names, problems)
     # File-level counts come from decoding every file as 2D images; in 3D mode the labels are
     # then joined to series volumes in a second pass.
     files = load_site(folder, manifest if input_mode == "2d" else None, decode_all=True, strict=False,

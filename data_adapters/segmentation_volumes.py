@@ -34,7 +34,7 @@ from .dataset import SiteDatasets, _memoised
 from .split import SeededSplit, Split
 from .dicom import require_folder
 from .segmentation import SegmentedSeries, SeriesTally, no_segmented_series, segmented_series
-from .transforms import Window, apply_window, parse_patch_size, parse_spacing, parse_window
+from .transforms import Window, apply_window, parse_window
 from .volumes import IRREGULAR_CHOICES, stack_volume
 
 __all__ = ["VolumeSite", "read_segmentation_volumes", "resample_to_spacing", "segmentation_volume_datasets",
@@ -82,13 +82,14 @@ def resample_to_spacing(image: np.ndarray, mask: np.ndarray, spacing: VoxelSpaci
 
 
 def read_segmentation_volumes(
-    folder: Path, window: Window = "soft-tissue", spacing: str = "1.0 1.0 2.0", irregular: str = "exclude",
+    folder: Path, window: Window = "soft-tissue", spacing: tuple[float, float, float] = (2.0, 1.0, 1.0),
+    irregular: str = "exclude",
 ) -> VolumeSite:
-    """Decode every segmented series of `folder` into a windowed volume and lesion mask at `spacing` ("x y z", mm)."""
+    """Decode every segmented series of `folder` into a windowed volume and lesion mask at `spacing` (z, y, x mm)."""
     folder = require_folder(folder)
     if irregular not in IRREGULAR_CHOICES:
         raise SiteDataError(f"irregular-series {irregular!r} must be one of {', '.join(IRREGULAR_CHOICES)}")
-    window, target = parse_window(window), parse_spacing(spacing)
+    window, target = parse_window(window), spacing
     site = VolumeSite()
     for series in segmented_series(folder, site):
         found = series_volume(series, irregular)
@@ -149,17 +150,18 @@ class _Volumes:
 
 def segmentation_volume_datasets(
     folder: Path, split: Split = SeededSplit(), window: Window = "soft-tissue",
-    spacing: str = "1.0 1.0 2.0", patch_size: str = "32 32 8", irregular: str = "exclude",
+    spacing: tuple[float, float, float] = (2.0, 1.0, 1.0), patch_size: tuple[int, int, int] = (8, 32, 32),
+    irregular: str = "exclude",
     patch_seed: int | None = None,
 ) -> SiteDatasets:
     """Read (or reuse, per process) a site's segmented volumes; `split` divides them by series.
 
-    `spacing` ("x y z", mm) and `patch_size` ("x y z", voxels) are the run config's strings;
+    `spacing` (mm) and `patch_size` (voxels) are in the volume's (z, y, x) order, as the run config parses them;
     `patch_seed` draws the training patches (a site passes none: then they come from its own entropy).
     """
     folder = require_folder(folder)
-    patch = parse_patch_size(patch_size)
-    key = (folder.resolve(), "segmentation-3d", repr(parse_window(window)), parse_spacing(spacing), irregular)
+    patch = tuple(patch_size)
+    key = (folder.resolve(), "segmentation-3d", repr(parse_window(window)), tuple(spacing), irregular)
     site = _memoised(key, folder.resolve(), folder / ".no-manifest",
                      lambda: read_segmentation_volumes(folder, window, spacing, irregular))
     has_lesion = np.array([int(m.any()) for m in site.masks])

@@ -7,19 +7,17 @@ turns it into a typed object, or stops with a ConfigError naming the first wrong
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
 from fedcare.errors import ConfigError, FedcareError
-from fedcare.imaging import parse_patch_size, parse_spacing, parse_window
+from fedcare.imaging import Window, parse_patch_size, parse_spacing, parse_window
 
-MODELS = ("small-cnn", "densenet121", "unet")
-TASKS = ("classification", "segmentation")
-# The networks that answer each task: a classifier cannot segment, nor a U-Net classify.
-TASK_MODELS = {"classification": ("small-cnn", "densenet121"), "segmentation": ("unet",)}
 OPTIMIZERS = ("sgd", "adam")
 DATA_FORMATS = ("dicom", "nifti")
 INPUT_MODES = ("2d", "3d")
@@ -34,7 +32,12 @@ _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One federated run, as the server plans it. Field names are the config keys in snake case."""
+    """One federated run, as the server plans it. Field names are the config keys in snake case.
+
+    The task and the network are names looked up in their registries (fedcare.tasks,
+    fedcare.networks) when the run starts; the imaging settings are parsed here, once, into the
+    typed values the sites use (`window_range`, `spacing_zyx`, `patch_zyx`).
+    """
 
     task: str = "classification"
     num_server_rounds: int = 5
@@ -43,6 +46,11 @@ class RunConfig:
     optimizer: str = "sgd"
     learning_rate: float = 0.1
     model: str = "small-cnn"
+    # A JSON object of the network's own arguments, e.g. '{"dropout_prob": 0.2}'.
+    model_args: str = ""
+    # Classification: the class names in order; a manifest label is a name or an index into them.
+    classes: str = "negative, positive"
+    in_channels: int = 1
     image_size: int = 64
     data_format: str = "dicom"
     input_mode: str = "2d"
@@ -103,7 +111,7 @@ class RunConfig:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
     def _check(self) -> None:
-        positive = ("num_server_rounds", "local_epochs", "min_sites", "batch_size", "learning_rate",
+        positive = ("num_server_rounds", "local_epochs", "min_sites", "batch_size", "learning_rate", "in_channels",
                     "server_learning_rate", "max_update_norm_ratio",
                     "image_size", "round_timeout", "max_grad_norm", "target_epsilon", "lesion_weight")
         for name in positive:
@@ -117,27 +125,53 @@ class RunConfig:
             _fail("noise_multiplier", self.noise_multiplier, "must be 0 (derive it) or positive")
         if not 0.0 <= self.target_delta < 1.0:
             _fail("target_delta", self.target_delta, "must be 0 (automatic) or in (0, 1)")
-        for name, allowed in (("task", TASKS), ("model", MODELS), ("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
+        for name, allowed in (("optimizer", OPTIMIZERS), ("strategy", STRATEGIES),
                               ("data_format", DATA_FORMATS), ("input_mode", INPUT_MODES),
                               ("irregular_series", IRREGULAR_SERIES), ("label_key", LABEL_KEYS),
                               ("grad_sample_mode", GRAD_SAMPLE_MODES)):
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), "must be one of " + ", ".join(allowed))
-        if self.model not in TASK_MODELS[self.task]:
-            _fail("model", self.model, f"cannot do task '{self.task}'; use " + " or ".join(TASK_MODELS[self.task]))
         parse_site_folders(self.site_folders)
-        for key, parse in (("window", parse_window), ("spacing", parse_spacing), ("patch-size", parse_patch_size)):
-            try:
-                parse(getattr(self, key.replace("-", "_")))
-            except FedcareError as err:
-                raise ConfigError(f"run config: '{key}': {err}") from None
-        if self.task == "segmentation" and self.input_mode == "3d":
-            from fedcare.model import unet_size_multiple  # the model module builds on this one
+        for key in ("window_range", "spacing_zyx", "patch_zyx", "class_names", "network_args"):
+            getattr(self, key)  # parsed once here: a wrong value stops the run before it starts
 
-            multiple = unet_size_multiple()
-            if any(size % multiple for size in parse_patch_size(self.patch_size)):
-                _fail("patch_size", self.patch_size, f"must be a multiple of {multiple} voxels in x, y and z "
-                      "(each level of the U-Net halves it), e.g. \"32 32 8\"")
+    @cached_property
+    def window_range(self) -> Window:
+        """The intensity window: (low, high) in the images' units, or "minmax"."""
+        return _parsed("window", parse_window, self.window)
+
+    @cached_property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """3D segmentation's voxel spacing in mm, in a volume's (z, y, x) order."""
+        return _parsed("spacing", parse_spacing, self.spacing)
+
+    @cached_property
+    def patch_zyx(self) -> tuple[int, int, int]:
+        """3D segmentation's training patch in voxels, in a volume's (z, y, x) order."""
+        return _parsed("patch-size", parse_patch_size, self.patch_size)
+
+    @cached_property
+    def class_names(self) -> tuple[str, ...]:
+        """The classification classes, in label order."""
+        names = tuple(name.strip() for name in self.classes.split(","))
+        if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+            _fail("classes", self.classes, "must name two or more distinct classes, comma-separated, in label "
+                  "order, e.g. \"normal, benign, malignant\"")
+        return names
+
+    @cached_property
+    def network_args(self) -> dict[str, Any]:
+        """The network's own arguments (`model-args`, a JSON object)."""
+        if not self.model_args.strip():
+            return {}
+        try:
+            args = json.loads(self.model_args)
+        except ValueError as err:
+            args = err
+        if not isinstance(args, dict):
+            _fail("model_args", self.model_args, "must be a JSON object of the network's arguments, e.g. "
+                  "'{\"dropout_prob\": 0.2}'")
+        return args
 
 
 def parse_site_folders(text: str) -> list[tuple[str, str]]:
@@ -196,6 +230,13 @@ def _resume_flag(value: bool) -> str:
                           "resume = \"<run-id>\" (its checkpoint is outputs-dir/checkpoints/<run-id>), or "
                           "resume = \"\" to start afresh")
     return ""
+
+
+def _parsed(key: str, parse: Any, value: str) -> Any:
+    try:
+        return parse(value)
+    except FedcareError as err:
+        raise ConfigError(f"run config: '{key}': {err}") from None
 
 
 def _fail(name: str, value: Any, rule: str) -> None:

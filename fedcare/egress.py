@@ -17,11 +17,15 @@ from typing import Any, Iterator, Mapping
 
 from flwr.app import Message
 
+from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
+from fedcare.model import build_model, network_shape
 from fedcare.privacy.record import REPLY_FIELDS, REPLY_TEXT, TEXT_FIELDS
+from fedcare.tasks import TASKS
 
-# No training loss: it is an exact function of private batches, outside every accountant.
-ALLOWED_METRICS = {"num-examples", "loss", "accuracy", "auc", "dice"}
+# The metrics a reply may carry are its task's validation metrics (fedcare.tasks) and the sample
+# count; no training loss: it is an exact function of private batches, outside every accountant.
+SAMPLE_COUNT = "num-examples"
 # Strings a reply may carry: the site's name, the words of its privacy accounting, why it refused.
 ALLOWED_TEXT = {("site", "name"), ("refusal", "reason"), *(("privacy", key) for key in REPLY_TEXT + TEXT_FIELDS)}
 PRIVACY_NUMBERS = REPLY_FIELDS - set(REPLY_TEXT) - set(TEXT_FIELDS)
@@ -81,40 +85,46 @@ EGRESS_BY_GATE = "FEDCARE_EGRESS_BY_GATE"
 THREE_D = "-3d"
 
 
-def network_name(model: str, input_mode: str) -> str:
-    """The name a log gives the run's network: its model, marked when it is the 3D build of it."""
-    return model + THREE_D if input_mode == "3d" else model
+def network_spec(config: RunConfig) -> str:
+    """What an egress line names as the run's network: everything that fixes its parameters' shapes."""
+    shape = network_shape(config)
+    return json.dumps({"model": config.model, "model-args": config.network_args, "task": config.task,
+                       "input-mode": config.input_mode, "in-channels": shape.in_channels,
+                       "outputs": shape.out_channels}, sort_keys=True, separators=(",", ":"))
+
+
+def _spec_config(spec: str) -> RunConfig:
+    if not spec.startswith("{"):  # a log from before specs: a name, "-3d" for the 3D build
+        return RunConfig(model=spec.removesuffix(THREE_D), input_mode="3d" if spec.endswith(THREE_D) else "2d",
+                         task="segmentation" if spec.startswith("unet") else "classification")
+    values = json.loads(spec)
+    classes = ", ".join(f"class {k}" for k in range(values["outputs"]))
+    return RunConfig(model=values["model"], model_args=json.dumps(values["model-args"]), task=values["task"],
+                     input_mode=values["input-mode"], in_channels=values["in-channels"],
+                     classes=classes if values["outputs"] > 1 else RunConfig.classes)
 
 
 class ModelShapes(Mapping[str, dict[str, list[int]]]):
-    """Parameter shapes of each network the project builds (2D, or 3D when the name ends in "-3d"),
-    each built once and only when a log names it."""
+    """Parameter shapes of each network an egress log names (`network_spec`), each built once and
+    only when a log names it; a name that builds no network is not in the mapping."""
 
     def __init__(self) -> None:
         self._built: dict[str, dict[str, list[int]]] = {}
 
-    def __getitem__(self, name: str) -> dict[str, list[int]]:
-        from fedcare.config import MODELS, RunConfig
-        from fedcare.model import build_model
-
-        model = name.removesuffix(THREE_D)
-        if model not in MODELS:
-            raise KeyError(name)
-        if name not in self._built:
-            input_mode = "3d" if name.endswith(THREE_D) else "2d"
-            state = build_model(RunConfig(model=model, input_mode=input_mode)).state_dict()
-            self._built[name] = {key: list(value.shape) for key, value in state.items()}
-        return self._built[name]
+    def __getitem__(self, spec: str) -> dict[str, list[int]]:
+        if spec not in self._built:
+            try:
+                state = build_model(_spec_config(spec)).state_dict()
+            except (FedcareError, ValueError, KeyError, TypeError):
+                raise KeyError(spec) from None
+            self._built[spec] = {key: list(value.shape) for key, value in state.items()}
+        return self._built[spec]
 
     def __iter__(self) -> Iterator[str]:
-        from fedcare.config import MODELS
-
-        return iter(MODELS)
+        return iter(self._built)
 
     def __len__(self) -> int:
-        from fedcare.config import MODELS
-
-        return len(MODELS)
+        return len(self._built)
 
 
 @dataclass
@@ -160,7 +170,7 @@ def _entry_problems(entry: dict[str, Any], model_shapes: Mapping[str, dict[str, 
         elif list(array["shape"]) != list(shapes[array["name"]]):
             problems.append(f"array '{array['name']}' has shape {array['shape']}, the model's is {shapes[array['name']]}")
     for name, value in entry["metrics"].items():
-        if name not in ALLOWED_METRICS:
+        if not allowed_metric(name):
             problems.append(f"metric '{name}' is not on the list of metrics allowed to leave the site")
         if not _numeric(value):
             problems.append(f"metric '{name}' is not numeric")
@@ -173,6 +183,11 @@ def _entry_problems(entry: dict[str, Any], model_shapes: Mapping[str, dict[str, 
             elif not _numeric(value):
                 problems.append(f"field '{record}.{key}' is not numeric")
     return problems
+
+
+def allowed_metric(name: str) -> bool:
+    """Whether a metric of this name may leave a site: the sample count, or a task's validation metric."""
+    return name == SAMPLE_COUNT or any(task.allows_metric(name) for task in TASKS.values())
 
 
 def _numeric(value: Any) -> bool:

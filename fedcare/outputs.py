@@ -22,11 +22,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedcare.errors import ConfigError
+from fedcare.tasks import Task
 
-# Every validation metric a site may report, in table order: classification sends loss, accuracy
-# and AUC; segmentation sends loss and Dice. The headline is the first of HEADLINE a run has.
+# The columns of the per-round tables, in order, where a run's task reports them; the task's other
+# metrics (per-class figures, counts) are shown apart (fedcare.outputs_classes).
 METRICS = ("loss", "accuracy", "auc", "dice")
-HEADLINE = ("auc", "dice")
 LABELS = {"loss": "val loss", "accuracy": "val accuracy", "auc": "val AUC", "dice": "val Dice"}
 # Under outputs-dir: one folder per run, named by its run id, holding checkpoint.pt and best_model.pt.
 CHECKPOINTS = "checkpoints"
@@ -90,41 +90,47 @@ def resume_folder(outputs_dir: Path, resume: str) -> Path:
                       "name a run listed there, or set resume = \"\" to start afresh")
 
 
-def weighted_aggregate(sites: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Every metric all evaluated sites reported, weighted by their validation samples."""
+def weighted_aggregate(sites: dict[str, dict[str, Any]], task: Task) -> dict[str, float]:
+    """Every metric of the task all evaluated sites reported: rates weighted by the sites' validation
+    samples, counts (a confusion matrix's cells) added up."""
     evaluated = [s for s in sites.values() if s.get("evaluate_status") == "ok"]
     total = sum(s["num_examples"] for s in evaluated)
     if not total:
         return {}
-    shared = [m for m in METRICS if all(m in s for s in evaluated)]
-    return {m: sum(s[m] * s["num_examples"] for s in evaluated) / total for m in shared} | {"num_examples": total}
+    shared = [m for m in evaluated[0] if task.allows_metric(m) and all(m in s for s in evaluated)]
+    return {m: (sum(s[m] for s in evaluated) if task.is_count(m)
+                else sum(s[m] * s["num_examples"] for s in evaluated) / total) for m in shared} | {"num_examples": total}
 
 
-def headline_metric(figures: dict[str, Any]) -> str | None:
-    """The metric that ranks models: AUC for classification, Dice for segmentation."""
-    return next((m for m in HEADLINE if m in figures), None)
+def headline_metric(figures: dict[str, Any], task: Task) -> str | None:
+    """The task's headline metric (AUC for classification, Dice for segmentation), if `figures` hold it."""
+    return task.headline if task.headline in figures else None
+
+
+def metric_label(metric: str) -> str:
+    return LABELS.get(metric, f"val {metric}")
 
 
 def metrics_document(config: dict[str, Any], rounds: dict[int, dict[str, dict[str, Any]]],
-                     seconds: dict[int, float]) -> dict[str, Any]:
+                     seconds: dict[int, float], task: Task) -> dict[str, Any]:
     """metrics.json: the run config and, per round, every site's outcome, the weighted aggregate and
     the round's wall time (training and evaluation, framework included)."""
     return {
         "config": config,
         "rounds": [
-            {"round": r, "sites": dict(sorted(rounds[r].items())), "aggregate": weighted_aggregate(rounds[r]),
+            {"round": r, "sites": dict(sorted(rounds[r].items())), "aggregate": weighted_aggregate(rounds[r], task),
              "failures": _failures(r, rounds[r]), "seconds": seconds.get(r)}
             for r in sorted(rounds)
         ],
     }
 
 
-def metrics_plot(document: dict[str, Any]) -> bytes:
-    """metrics.png: the headline metric (AUC or Dice) by round for every site, and the weighted global figure."""
+def metrics_plot(document: dict[str, Any], task: Task) -> bytes:
+    """metrics.png: the task's headline metric by round for every site, and the weighted global figure."""
     figure = Figure(figsize=(8, 5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    metric = next((m for item in document["rounds"] if (m := headline_metric(item["aggregate"]))), "auc")
+    metric = task.headline
     sites = sorted({site for item in document["rounds"] for site in item["sites"]})
     for site in sites:
         points = [(item["round"], item["sites"][site][metric]) for item in document["rounds"]
@@ -135,8 +141,9 @@ def metrics_plot(document: dict[str, Any]) -> bytes:
     if overall:
         axes.plot(*zip(*overall), marker="s", color="black", linewidth=2.5, label="all sites (weighted)")
     axes.set_xlabel("round")
-    axes.set_ylabel(AXIS_LABELS[metric])
-    axes.set_ylim(0, 1.02)
+    axes.set_ylabel(AXIS_LABELS.get(metric, metric_label(metric)))
+    if task.higher_is_better:  # a score in [0, 1]; a loss-like headline keeps its own scale
+        axes.set_ylim(0, 1.02)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if axes.get_legend_handles_labels()[0]:  # a run that evaluated nothing has no line to name
@@ -161,13 +168,13 @@ def failed_every_round(document: dict[str, Any]) -> dict[str, str]:
     return failed
 
 
-def summary_markdown(document: dict[str, Any], run_id: str, notes: list[str]) -> str:
+def summary_markdown(document: dict[str, Any], run_id: str, notes: list[str], extra: list[str] = ()) -> str:
     """A short table a person reads: each site, each round, and the global model's figures."""
     lines = [f"# Federated run {run_id}", ""] + [f"- {note}" for note in notes] + [""]
     # The columns of the metrics this run's sites reported (classification's three by default).
     shown = [m for m in METRICS if any(m in e for item in document["rounds"] for e in item["sites"].values())]
     shown = shown or list(METRICS[:3])
-    lines += ["| round | site | training | " + " | ".join(LABELS[m] for m in shown) + " | val cases |",
+    lines += ["| round | site | training | " + " | ".join(metric_label(m) for m in shown) + " | val cases |",
               "|---|---|---|" + "---|" * len(shown) + "---|"]
     for item in document["rounds"]:
         for site, entry in item["sites"].items():
@@ -178,6 +185,8 @@ def summary_markdown(document: dict[str, Any], run_id: str, notes: list[str]) ->
                          + f" {entry.get('num_examples', '-')} |")
         lines.append(f"| {item['round']} | **all sites** | | " + _figures(item["aggregate"], shown)
                      + f" {item['aggregate'].get('num_examples', '-')} |")
+    if extra:
+        lines += [""] + list(extra)
     failures = [f for item in document["rounds"] for f in item["failures"]]
     lines += ["", "## Failures", ""]
     lines += [f"- round {f['round']}, {f['site']}, {f['stage']}: {f['reason']}" for f in failures] or ["- none"]

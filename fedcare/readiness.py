@@ -18,21 +18,18 @@ import torch
 
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError, SiteNotReady
-from fedcare.model import NUM_CLASSES, build_model
+from fedcare.model import build_model, grad_sample_mode
 from fedcare.outputs import resume_folder
 from fedcare.policy import SitePolicy
 from fedcare.privacy.accounting import default_delta
+from fedcare.tasks import task_for
 
-__all__ = ["MAX_DELTA", "MIN_TRAIN_PER_CLASS", "MIN_VAL_PER_CLASS", "SiteCounts", "input_problem",
+__all__ = ["MAX_DELTA", "SiteCounts", "input_problem",
            "require_site_ready", "run_problems", "site_delta", "site_problems"]
 
 # Above this delta an (epsilon, delta) guarantee allows a real chance of exposing a record outright;
 # a site's own budget-delta may not exceed it (its default rule never does: at most 1e-5).
 MAX_DELTA = 1e-3
-# Per class: two to learn from (one alone is memorised, not learnt), one to validate, so that
-# every class is seen by the validation AUC (with one class only it is 0.5 whatever the model does).
-MIN_TRAIN_PER_CLASS = 2
-MIN_VAL_PER_CLASS = 1
 _LARGEST_SIZE_TRIED = 512
 
 
@@ -67,30 +64,50 @@ def run_problems(config: RunConfig, sites: int | None = None) -> list[str]:
 
 @functools.lru_cache(maxsize=8)  # a site asks once per request; the answer depends on the config alone
 def input_problem(config: RunConfig) -> str | None:
-    """Whether the network takes inputs of the configured image-size; the smallest size it takes if not."""
-    if config.task == "segmentation" and config.input_mode == "3d":
-        return None  # patches, not image-size; their multiples are checked with the config
-    model = build_model(config)
-    if _takes(model, config, config.image_size):
-        return None
-    smallest = next((s for s in range(config.image_size + 1, _LARGEST_SIZE_TRIED + 1) if _takes(model, config, s)),
-                    None)
+    """Whether the task and network fit the config, and take its image-size; the smallest size they take if not."""
+    try:
+        task = task_for(config)
+        problems = task.config_problems(config)
+        model = build_model(config)
+        mode_problem = _mode_problem(model, config) if config.dp else None
+    except ConfigError as err:
+        return str(err)
+    if problems or mode_problem:
+        return "; ".join(problems + [mode_problem] if mode_problem else problems)
+    size = task.input_size(config)
+    fits = _fits(model, config, size)
+    if fits is not False:
+        return None if fits else (f"run config: network '{config.model}' does not answer task '{task.name}' "
+                                  "(its output is not what the task scores): pick a network for that task")
+    if size != (config.image_size,) * len(size):
+        return f"run config: network '{config.model}' takes no input of {size} voxels: change patch-size"
+    dims = len(size)
+    smallest = next((s for s in range(config.image_size + 1, _LARGEST_SIZE_TRIED + 1)
+                     if _fits(model, config, (s,) * dims)), None)
     fix = f"set image-size to {smallest} or more" if smallest else "set a larger image-size"
     return (f"run config: 'image-size' = {config.image_size} is too small for the '{config.model}' network "
             f"(it shrinks the image below one pixel or cannot rebuild it): {fix}")
 
 
-def _takes(model: torch.nn.Module, config: RunConfig, size: int) -> bool:
-    # One forward pass of an empty image answers for every network, present or future.
-    dims = 3 if config.input_mode == "3d" else 2
-    image = torch.zeros((1, 1) + (size,) * dims)
+def _fits(model: torch.nn.Module, config: RunConfig, size: tuple[int, ...]) -> bool | None:
+    """True: the network takes this size and answers the task; None: it takes it but answers another
+    task; False: it cannot take it. One forward pass of an empty image answers for every network,
+    present or future, and the task says whether what comes out is what it scores."""
+    image = torch.zeros((1, config.in_channels, *size))
     try:
         with torch.no_grad():
             out = model.eval()(image)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, IndexError, TypeError):
         return False
-    # A segmentation network must hand back a mask of the image's own size.
-    return config.task != "segmentation" or tuple(out.shape[2:]) == (size,) * dims
+    return True if task_for(config).output_fits(out, size) else None
+
+
+def _mode_problem(model: torch.nn.Module, config: RunConfig) -> str | None:
+    try:
+        grad_sample_mode(model, config)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def site_delta(num_train: int, budget_delta: float) -> float | None:
@@ -106,30 +123,12 @@ def site_problems(config: RunConfig, counts: SiteCounts, policy: SitePolicy) -> 
     if counts.num_train < 1 or counts.num_val < 1:
         problems.append(f"{counts.num_train} training and {counts.num_val} validation case(s) with the site's "
                         f"val-fraction {policy.val_fraction}: label more cases, at least one for each")
-    if config.task == "classification":
-        problems += _class_problems(policy, counts)
+    problems += task_for(config).site_problems(config, counts, policy.val_fraction)
     delta = site_delta(counts.num_train, policy.budget_delta)
     if config.dp and delta is not None and delta > MAX_DELTA:
         problems.append(f"delta would be {delta:.2g} (the site's budget-delta), above {MAX_DELTA:g}, so the privacy "
                         f"guarantee would mean little: set budget-delta in the site's settings to {MAX_DELTA:g} or "
                         "less, or to 0 for the site's own rule")
-    return problems
-
-
-def _class_problems(policy: SitePolicy, counts: SiteCounts) -> list[str]:
-    labels = sorted(set(counts.train_per_class) | set(counts.val_per_class))
-    beyond = [label for label in labels if not 0 <= label < NUM_CLASSES]
-    if beyond:
-        return [f"labels {', '.join(map(str, beyond))} are outside the network's {NUM_CLASSES} classes "
-                f"(0 to {NUM_CLASSES - 1}): relabel those cases in labels.csv with 0 to {NUM_CLASSES - 1}, "
-                "or drop their rows"]
-    problems = []
-    for label in range(NUM_CLASSES):
-        train, val = counts.train_per_class.get(label, 0), counts.val_per_class.get(label, 0)
-        if train < MIN_TRAIN_PER_CLASS or val < MIN_VAL_PER_CLASS:
-            problems.append(f"class {label} has {train} training and {val} validation case(s) with the site's "
-                            f"val-fraction {policy.val_fraction}; it needs at least {MIN_TRAIN_PER_CLASS} and "
-                            f"{MIN_VAL_PER_CLASS}: label more cases of class {label}")
     return problems
 
 

@@ -1,6 +1,5 @@
-"""Local work on one site: a training epoch loop, and evaluation with loss, accuracy and ROC AUC.
-
-Segmentation's loss and Dice evaluation live in `fedcare.segmentation`; the loop is shared.
+"""Local work on one site: the training epoch loop every task shares (its loss and evaluation are
+the task's, fedcare.tasks).
 
 DP-SGD reuses the same epoch loop with Opacus' wrapped model, optimizer and loader
 (`fedcare.privacy.dpsgd`), so private and plain training differ only in what they are handed.
@@ -11,9 +10,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -64,15 +61,6 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return math.ceil(num_samples / batch_size)
 
 
-def task_loss(config: RunConfig) -> nn.Module:
-    """The training loss of the run's task; both are batch means of per-sample losses, as DP-SGD needs."""
-    if config.task == "segmentation":
-        from fedcare.segmentation import DiceCrossEntropy  # that module builds on this one
-
-        return DiceCrossEntropy(config.lesion_weight)
-    return nn.CrossEntropyLoss()
-
-
 def train_epochs(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, epochs: int,
                  loss_fn: nn.Module | None = None) -> float:
     """Run `epochs` passes over `loader`; returns the mean training loss per sample (cross-entropy by default)."""
@@ -110,31 +98,8 @@ def noise_only_step(optimizer: torch.optim.Optimizer) -> None:
     optimizer.step()
 
 
-def train_plain(model: nn.Module, dataset: Dataset, config: RunConfig, proximal_mu: float = 0.0) -> float:
-    """Ordinary local training, for a round the site's policy lets run without DP."""
+def train_plain(model: nn.Module, dataset: Dataset, config: RunConfig, loss_fn: nn.Module,
+                proximal_mu: float = 0.0) -> float:
+    """Ordinary local training with the task's loss, for a round the site's policy lets run without DP."""
     loader = make_loader(dataset, config.batch_size, site_generator(), shuffle=True)
-    return train_epochs(model, loader, make_optimizer(model, config, proximal_mu), config.local_epochs,
-                        task_loss(config))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int) -> dict[str, float]:
-    """Loss, accuracy and ROC AUC of the model on a site's validation split."""
-    model.eval()
-    device = model_device(model)
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    total_loss, scores, targets = 0.0, [], []
-    for images, labels in make_loader(dataset, batch_size, None, shuffle=False):
-        logits = model(images.to(device))
-        total_loss += float(loss_fn(logits, labels.to(device)))
-        scores.append(torch.softmax(logits, dim=1)[:, 1].cpu().numpy())
-        targets.append(labels.numpy())
-    score = np.concatenate(scores)
-    target = np.concatenate(targets)
-    # AUC is undefined when the split holds one class only; report chance rather than fail the round.
-    auc = float(roc_auc_score(target, score)) if len(np.unique(target)) == 2 else 0.5
-    return {
-        "loss": total_loss / len(target),
-        "accuracy": float(np.mean((score >= 0.5) == target)),
-        "auc": auc,
-    }
+    return train_epochs(model, loader, make_optimizer(model, config, proximal_mu), config.local_epochs, loss_fn)

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
-from fedcare.model import build_model, check_private_trainable
+from fedcare.model import build_model
 from fedcare.outputs import (RunFolder, failed_every_round, headline_metric, metrics_document, metrics_plot,
                              summary_markdown)
 from fedcare.privacy.report import write_privacy_report
@@ -66,9 +66,7 @@ def main(grid: Grid, context: Context) -> None:
         problems = run_problems(config)
         if problems:
             raise FedcareError("; ".join(problems))
-        model = build_model(config)
-        if config.dp:
-            check_private_trainable(model)  # once, before any site spends budget on it
+        model = build_model(config)  # run_problems checked it is trainable under DP-SGD
         strategy = make_strategy(config)
         checkpoints = Checkpoints(Path(config.outputs_dir), str(context.run_id))
         initial = ArrayRecord(model.state_dict())
@@ -109,19 +107,20 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     folder = RunFolder(Path(config.outputs_dir), run_id)
     torch.save(checkpoints.arrays.to_torch_state_dict(), folder.path("global_model.pt"))
     # Only a best model scored in this run (or the one it resumed) is its own.
-    has_best = checkpoints.best_auc > float("-inf") and checkpoints.best_path.is_file()
+    has_best = checkpoints.best_score is not None and checkpoints.best_path.is_file()
     if has_best:
         shutil.copyfile(checkpoints.best_path, folder.path("best_model.pt"))
     flags = list(strategy.log.flags)
     if strategy.log.registry is not None:  # deployment: registered sites, remembered across runs
         flags += check_and_remember(Path(config.outputs_dir), strategy.log.privacy, run_id)
-    document = metrics_document(config.to_dict(), strategy.log.rounds, strategy.log.seconds)
+    task = strategy.log.task
+    document = metrics_document(config.to_dict(), strategy.log.rounds, strategy.log.seconds, task)
     failed = failed_every_round(document)
     document.update(resumed_from_round=resumed_from, resumed_run=checkpoints.resumed_run,
                     checkpoint=str(checkpoints.folder.relative_to(config.outputs_dir)), stopped=stopped, flags=flags,
                     failed_every_round=failed)
     folder.write_json("metrics.json", document)
-    folder.path("metrics.png").write_bytes(metrics_plot(document))
+    folder.path("metrics.png").write_bytes(metrics_plot(document, task))
     write_privacy_report(folder.staging, privacy_report_data(strategy.log.privacy, strategy.log.rounds, run_id,
                                                              config.dp, resumed_from) | {"flags": flags})
     notes = [
@@ -138,13 +137,13 @@ def publish(run_id: str, config: RunConfig, strategy, checkpoints: Checkpoints, 
     notes += [f"FLAG: {flag}" for flag in flags]
     notes += [f"FAILED EVERY ROUND: {site} ({reason})" for site, reason in failed.items()]
     # The last round that was evaluated: a run stopped mid-round has no figures for that round.
-    final = next((r["aggregate"] for r in reversed(document["rounds"]) if headline_metric(r["aggregate"])), {})
-    metric = headline_metric(final)
+    final = next((r["aggregate"] for r in reversed(document["rounds"]) if headline_metric(r["aggregate"], task)), {})
+    metric = headline_metric(final, task)
     if metric:
-        name = {"auc": "AUC", "dice": "mean Dice"}[metric]
+        name = {"auc": "AUC", "dice": "mean Dice"}.get(metric, metric)
         notes.append(f"Final weighted validation {name}: {final[metric]:.3f}"
-                     + (f"; best model by {name}: best_model.pt ({name} {checkpoints.best_auc:.3f})" if has_best else ""))
-    folder.path("summary.md").write_text(summary_markdown(document, run_id, notes))
+                     + (f"; best model by {name}: best_model.pt ({name} {checkpoints.best_score:.3f})" if has_best else ""))
+    folder.path("summary.md").write_text(summary_markdown(document, run_id, notes, task.summary_lines(final, config)))
     # A run that completed no round of its own is kept for reading, but never becomes `latest`.
     completed = any(r > resumed_from for r in strategy.log.seconds)
     return folder.publish(latest=completed)

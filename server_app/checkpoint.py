@@ -39,8 +39,8 @@ class Checkpoints:
         self.path = self.folder / "checkpoint.pt"
         self.best_path = self.folder / "best_model.pt"
         self.arrays: ArrayRecord | None = None
-        # The best weighted validation AUC (Dice for segmentation); the name is kept for old checkpoints.
-        self.best_auc = float("-inf")
+        # The best weighted validation figure of the task's headline metric; None before any.
+        self.best_score: float | None = None
 
     def after_round(self, strategy: Any, config: dict[str, Any]) -> Callable[[int, ArrayRecord], MetricRecord | None]:
         """The `evaluate_fn` Flower calls after every round: save the round, keep the best model."""
@@ -48,18 +48,19 @@ class Checkpoints:
         def save(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             this_round = server_round + strategy.round_offset
             self.arrays = arrays
-            aggregate = weighted_aggregate(strategy.log.rounds.get(this_round, {}))
-            metric = headline_metric(aggregate)
+            task = strategy.log.task
+            aggregate = weighted_aggregate(strategy.log.rounds.get(this_round, {}), task)
+            metric = headline_metric(aggregate, task)
             score = aggregate[metric] if metric else None
-            if this_round > 0 and score is not None and score > self.best_auc:
-                self.best_auc = score
+            if this_round > 0 and score is not None and task.better(score, self.best_score):
+                self.best_score = score
                 _save_atomic(arrays.to_torch_state_dict(), self.best_path)
             _save_atomic({
                 "round": this_round,
                 "arrays": arrays.to_torch_state_dict(),
                 "strategy": {k: getattr(strategy, k) for k in STRATEGY_STATE if hasattr(strategy, k)},
                 "log": {name: getattr(strategy.log, name) for name in LOG_FIELDS},
-                "best_auc": self.best_auc,
+                "best_score": self.best_score,
                 "config": config,
             }, self.path)
             return None
@@ -85,10 +86,10 @@ class Checkpoints:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / "best_model.pt", self.best_path)
         strategy.round_offset = saved["round"]
-        strategy.log = RoundLog(**saved["log"])
+        strategy.log = RoundLog(**saved["log"], task=strategy.log.task)
         for key, value in saved["strategy"].items():
             setattr(strategy, key, value)
-        self.best_auc = saved["best_auc"]
+        self.best_score = saved["best_score"]
         self.arrays = ArrayRecord(saved["arrays"])
         return self.arrays
 

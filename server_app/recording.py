@@ -17,7 +17,8 @@ from typing import Any, Iterable
 from flwr.app import Message
 
 from fedcare.errors import APP_REFUSED_CODE, LedgerBusy, site_of_error
-from fedcare.outputs import LABELS, METRICS, headline_metric, weighted_aggregate
+from fedcare.outputs import METRICS, headline_metric, metric_label, weighted_aggregate
+from fedcare.tasks import TASKS, Task
 
 NO_REPLY = "no reply before the round timeout"
 # A site whose ledger another run holds for a round is not faulty: the round is to be retried after.
@@ -36,6 +37,7 @@ class RoundLog:
     registry: dict[int, str] | None = None  # node id -> registered site name; None: simulation
     impostors: dict[str, str] = field(default_factory=dict)  # filed name -> why its replies are rejected
     flags: list[str] = field(default_factory=list)  # what the run report must show, once each
+    task: Task = field(default_factory=lambda: TASKS["classification"])  # what the sites' metrics mean
 
     def site_of(self, msg: Message, sent_to: dict[str, int] | None = None) -> str:
         # The SuperLink answers for a site that went away with an error from itself; the message it
@@ -146,14 +148,14 @@ class RoundLog:
                 text += f" ({entry['train_error']})"
             if "epsilon" in numbers and "budget_epsilon" in numbers:
                 text += f"; epsilon spent {numbers['epsilon']:.2f} of budget {numbers['budget_epsilon']:.2f}"
-            figures = ", ".join(f"{LABELS[m]} {entry[m]:.3f}" for m in METRICS if m in entry)
+            figures = ", ".join(f"{metric_label(m)} {entry[m]:.3f}" for m in METRICS if m in entry)
             if figures:
                 text += f"; {figures}"
             lines.append(f"round {server_round} {site}: {text}")
-        aggregate = weighted_aggregate(self.rounds.get(server_round, {}))
-        metric = headline_metric(aggregate)
+        aggregate = weighted_aggregate(self.rounds.get(server_round, {}), self.task)
+        metric = headline_metric(aggregate, self.task)
         if metric:
-            lines.append(f"round {server_round} all sites: weighted {LABELS[metric]} {aggregate[metric]:.3f} "
+            lines.append(f"round {server_round} all sites: weighted {metric_label(metric)} {aggregate[metric]:.3f} "
                          f"over {aggregate['num_examples']} validation case(s)")
         return lines
 

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from fedcare.config import RunConfig
 from fedcare.identities import names_by_node
 from fedcare.errors import FedcareError
+from fedcare.tasks import Task, task_for
 from server_app.recording import RoundLog
 from server_app.validation import screen_updates
 
@@ -52,7 +53,7 @@ def make_strategy(config: RunConfig) -> Any:
         fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=config.min_sites,
         min_evaluate_nodes=config.min_sites, min_available_nodes=config.min_sites,
         min_sites=config.min_sites, max_update_norm_ratio=config.max_update_norm_ratio,
-        round_timeout=config.round_timeout, **parameters.get(config.strategy, {}),
+        round_timeout=config.round_timeout, task=task_for(config), **parameters.get(config.strategy, {}),
     )
 
 
@@ -68,10 +69,10 @@ def guarded(strategy_class: type) -> type:
 
     class GuardedStrategy(strategy_class):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, min_sites: int = 1, max_update_norm_ratio: float = 10.0,
-                     round_timeout: float = 600.0, **kwargs: Any) -> None:
+                     round_timeout: float = 600.0, task: Task | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             # Deployment: sites are who their keys were registered as (FEDCARE_SITE_REGISTRY).
-            self.log = RoundLog(registry=names_by_node())
+            self.log = RoundLog(registry=names_by_node(), **({"task": task} if task else {}))
             self.round_offset = 0
             self.min_sites = min_sites
             self.max_update_norm_ratio = max_update_norm_ratio

@@ -55,7 +55,8 @@ def test_a_private_round_replies_with_weights_and_numbers_and_logs_its_egress(da
     assert {a["name"] for a in egress[0]["arrays"]} == set(build_model(RunConfig()).state_dict())
 
     evaluation = evaluate_global(request("evaluate"), context(data, tmp_path))
-    assert set(evaluation.content["metrics"].keys()) == {"loss", "accuracy", "auc", "num-examples"}
+    per_class = {"auc-0", "auc-1", "confusion-0-0", "confusion-0-1", "confusion-1-0", "confusion-1-1"}
+    assert set(evaluation.content["metrics"].keys()) == {"loss", "accuracy", "auc", "num-examples"} | per_class
     assert trained + evaluation.content["metrics"]["num-examples"] == 40  # images, not batches or patients
 
 

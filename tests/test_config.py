@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedcare.config import RunConfig, load_preset
+from fedcare.readiness import run_problems
 from fedcare.errors import ConfigError
 from fedcare.sites import site_from_node_config, write_site_settings
 
@@ -47,13 +48,30 @@ def test_node_config_example_is_a_valid_site():
     ({"accountant": "moments"}, "accountant"),
     ({"val-fraction": 0.5}, "val-fraction"),
     ({"site-budget-epsilon": 1e9}, "site-budget-epsilon"),
-    ({"model": "resnet"}, "model"),
+    ({"classes": "only-one"}, "classes"),
+    ({"classes": "a, b, a"}, "classes"),
+    ({"model-args": "[1, 2]"}, "model-args"),
+    ({"in-channels": 0}, "in-channels"),
 ])
 def test_wrong_key_or_value_names_it(values, named):
     with pytest.raises(ConfigError) as caught:
         RunConfig.from_mapping(values)
     assert named in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("values, says", [
+    ({"model": "resnett"}, "'model' = 'resnett' is neither one of fedcare's networks"),
+    ({"task": "regression"}, "'task' = 'regression' must be one of classification, segmentation"),
+    ({"model-args": '{"no_such_argument": 1}'}, "'model-args' do not fit network 'small-cnn'"),
+    ({"model": "EfficientNetBN", "model-args": '{"model_name": "efficientnet-b0", "pretrained": true}'},
+     "a site downloads nothing"),
+])
+def test_an_unknown_task_or_network_stops_the_run_in_one_line(values, says):
+    # Names are looked up in the registries when the run starts: the ServerApp, `fedcare run` and
+    # `fedcare check-config` all stop on these problems.
+    problems = run_problems(RunConfig.from_mapping(values))
+    assert len(problems) == 1 and says in problems[0] and "\n" not in problems[0]
 
 
 def test_simulated_and_deployed_sites_resolve_their_own_folders_and_policies(tmp_path):

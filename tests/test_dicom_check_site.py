@@ -112,7 +112,7 @@ def test_identifying_tags_are_warned_about_and_masked(tmp_path: Path) -> None:
         assert not [s for s in secrets if s in output], "an identifying value was printed in clear"
     report = json.loads(_check(str(tmp_path), "--json")[1])
     assert any("PatientName is filled in 3 instance(s)" in w for w in report["warnings"])
-    assert any("class 1 has 1 training and 0 validation case(s)" in p for p in report["problems"])
+    assert any("class 1 (positive) has 1 training and 0 validation case(s)" in p for p in report["problems"])
     assert not any("delta would be" in p for p in report["problems"])  # the site's rule: 1e-5 at most
 
 

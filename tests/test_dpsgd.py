@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import dp_accounting
@@ -67,7 +68,7 @@ def test_rounds_with_a_fresh_app_compose_like_one_accountant(tmp_path):
 def test_noise_multiplier_is_planned_for_the_whole_run_not_one_round(tmp_path):
     data = dataset()
     whole = plan_round(CONFIG, site(tmp_path), len(data), [], "run-1")
-    one = plan_round(RunConfig(**{**CONFIG.__dict__, "num_server_rounds": 1}), site(tmp_path), len(data), [], "run-1")
+    one = plan_round(replace(CONFIG, num_server_rounds=1), site(tmp_path), len(data), [], "run-1")
     assert whole.noise_multiplier > one.noise_multiplier
     assert whole.epsilon_after < one.epsilon_after
 
@@ -107,21 +108,21 @@ def test_a_site_whose_setting_changes_the_ledgers_delta_refuses(tmp_path):
 
 
 def test_a_run_asking_for_another_delta_is_refused(tmp_path):
-    asking = RunConfig(**{**CONFIG.__dict__, "target_delta": 1e-3})
+    asking = replace(CONFIG, target_delta=1e-3)
     plan = plan_round(asking, site(tmp_path), 40, [], "run-1")
     assert plan.status == "refused" and "asks for delta 0.001" in plan.refusal
 
 
 def test_too_little_planned_noise_is_refused(tmp_path):
     # One round, epsilon 50: Opacus would plan a tiny sigma for it; this site wants at least 0.8.
-    greedy = RunConfig(**{**CONFIG.__dict__, "num_server_rounds": 1, "target_epsilon": 50.0})
+    greedy = replace(CONFIG, num_server_rounds=1, target_epsilon=50.0)
     plan = plan_round(greedy, site(tmp_path, budget=100.0, min_noise_multiplier=0.8), 40, [], "run-1")
     assert plan.status == "refused" and "below this site's minimum 0.8" in plan.refusal
 
 
 def test_a_run_past_the_sites_per_run_cap_is_refused_once_it_has_spent_it(tmp_path):
     capped = site(tmp_path, budget=50.0, max_run_epsilon=3.0)
-    config = RunConfig(**{**CONFIG.__dict__, "target_epsilon": 3.0, "num_server_rounds": 2})
+    config = replace(CONFIG, target_epsilon=3.0, num_server_rounds=2)
     one_round(capped, 1, dataset(), config)
     one_round(capped, 2, dataset(), config)
     plan = plan_round(config, capped, 40, Ledger(capped.ledger_path).entries(), "run-1")  # a round past the plan

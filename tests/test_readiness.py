@@ -16,7 +16,7 @@ from client_app.app import train
 from fedcare_ops.demo_data import write_demo_sites
 from data_adapters.readiness import check_site
 from fedcare.config import RunConfig
-from fedcare.errors import SITE_ERROR_CODE, SiteNotReady
+from fedcare.errors import SITE_ERROR_CODE, SiteDataError, SiteNotReady
 from fedcare_ops.federation import NotReady, preflight, run_simulation
 from fedcare.policy import SitePolicy
 from fedcare.readiness import run_problems
@@ -59,16 +59,28 @@ def assert_all_three_agree(folder: Path, tmp_path: Path, run: dict, budget_delta
     return checked.report["problems"]
 
 
-def test_a_three_class_site_is_refused_by_check_site_the_run_and_the_site(demo, tmp_path, caplog):
+def test_a_label_outside_the_runs_classes_is_one_line_naming_the_manifest_row(demo, tmp_path, caplog):
     folder = tmp_path / "three-classes"
     shutil.copytree(demo, folder)
     rows = list(csv.reader((folder / "labels.csv").read_text().splitlines()))
     rows[1:] = [[uid, "2" if index % 3 == 0 else label] for index, (uid, label) in enumerate(rows[1:])]
     (folder / "labels.csv").write_text("\n".join(",".join(row) for row in rows) + "\n")
     run = run_with_site(folder, tmp_path)
-    # The site's own delta rule passes; only the third class is wrong.
-    [problem] = assert_all_three_agree(folder, tmp_path, run, 0.0, caplog)
-    assert "labels 2 are outside the network's 2 classes" in problem and "relabel" in problem
+    write_site_settings(folder, budget_epsilon=50.0)
+    config, policy = RunConfig.from_mapping(run), SitePolicy(budget_epsilon=50.0)
+    checked = check_site(folder, config=config, policy=policy)
+    [problem] = checked.report["problems"]
+    assert f"{folder / 'labels.csv'} row 2: label '2' is not a class of the run" in problem
+    assert "0 negative, 1 positive" in problem and "\n" not in problem
+    assert preflight(config, 1) == [f"h3: {problem}"]
+    reply = train(request("train"), site_context(folder, tmp_path / "state", run, 0.0))
+    assert reply.has_error() and reply.error.code == SITE_ERROR_CODE
+    assert reply.error.reason.startswith(f"h3: {SiteDataError.kind}") and "row 2" in caplog.text  # the row stays at the site
+    # The same labels in a three-class run: the site is ready, by index or by the class's name.
+    three = RunConfig.from_mapping(run | {"classes": "negative, positive, other"})
+    assert check_site(folder, config=three, policy=policy).ready
+    (folder / "labels.csv").write_text((folder / "labels.csv").read_text().replace(",2\n", ",other\n"))
+    assert check_site(folder, config=three, policy=policy).ready
 
 
 def test_a_three_image_site_is_refused_by_check_site_the_run_and_the_site(tmp_path, caplog):

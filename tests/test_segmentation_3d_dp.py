@@ -10,9 +10,9 @@ from data_adapters import segmentation_volume_datasets
 
 from fedcare_ops.demo_segmentation import write_demo_segmentation_sites
 from fedcare.config import RunConfig
-from fedcare.model import GRAD_SAMPLE_MODE, build_model, check_private_trainable, grad_sample_mode
+from fedcare.model import MEASURED_MODE, build_model, grad_sample_mode
 from fedcare.privacy.dpsgd import plan_round, private_training, train_private
-from fedcare.training import task_loss
+from fedcare.tasks import task_for
 from fedcare.policy import SitePolicy
 from fedcare.sites import Site
 from tests.dp_checks import assert_dp_step
@@ -34,7 +34,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def patches(tmp_path_factory):
     folder = write_demo_segmentation_sites(tmp_path_factory.mktemp("dp3d") / "data", sites=1, seed=2, cases=[80])[0]
-    data = segmentation_volume_datasets(folder, spacing=CONFIG.spacing, patch_size=CONFIG.patch_size)
+    data = segmentation_volume_datasets(folder, spacing=CONFIG.spacing_zyx, patch_size=CONFIG.patch_zyx)
     return data.train
 
 
@@ -44,12 +44,12 @@ def site(tmp_path: Path) -> Site:
 
 def test_3d_unet_trains_privately_in_the_mode_measured_faster_in_3d():
     model = build_model(CONFIG)
-    check_private_trainable(model)
     assert model(torch.zeros(2, 1, 8, 16, 16)).shape == (2, 2, 8, 16, 16)
-    assert grad_sample_mode(CONFIG) == "functorch"
+    assert grad_sample_mode(model, CONFIG) == "functorch"
     two_d = RunConfig(task="segmentation", model="unet")
-    assert grad_sample_mode(two_d) == GRAD_SAMPLE_MODE["unet"]
-    assert grad_sample_mode(RunConfig(**{**CONFIG.__dict__, "grad_sample_mode": "hooks"})) == "hooks"
+    assert grad_sample_mode(build_model(two_d), two_d) == MEASURED_MODE[("unet", 2)] == "hooks"
+    forced = RunConfig(task="segmentation", model="unet", input_mode="3d", grad_sample_mode="hooks")
+    assert grad_sample_mode(model, forced) == "hooks"
 
 
 def test_per_sample_gradients_clipping_and_noise_on_3d_patches(tmp_path, patches):
@@ -57,7 +57,7 @@ def test_per_sample_gradients_clipping_and_noise_on_3d_patches(tmp_path, patches
     private = private_training(build_model(CONFIG), patches, CONFIG, plan, [])
     images, masks = next(batch for batch in private.loader if len(batch[1]) > 1)
     assert images.shape[1:] == (1, 8, 16, 16) and masks.shape[1:] == (8, 16, 16)
-    assert_dp_step(private, build_model(CONFIG), task_loss(CONFIG), images, masks, plan)
+    assert_dp_step(private, build_model(CONFIG), task_for(CONFIG).loss(CONFIG), images, masks, plan)
 
 def test_a_private_3d_round_trains_and_counts_every_step(tmp_path, patches):
     plan = plan_round(CONFIG, site(tmp_path), len(patches), [], "run-1")

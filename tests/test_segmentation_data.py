@@ -14,6 +14,7 @@ from fedcare_ops.demo_segmentation import write_demo_segmentation_sites
 from data_adapters.transforms import Preprocess, apply_window
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
+from fedcare.readiness import run_problems
 
 WINDOW = (-200.0, 300.0)
 
@@ -91,7 +92,6 @@ def test_pydicom_data_liver_seg_aligns_with_its_source_slices(tmp_path):
 
 
 def test_segmentation_needs_the_unet_in_one_line():
-    with pytest.raises(ConfigError) as caught:
-        RunConfig.from_mapping({"task": "segmentation"})
-    assert "'model'" in str(caught.value) and "unet" in str(caught.value) and "\n" not in str(caught.value)
+    [problem] = run_problems(RunConfig.from_mapping({"task": "segmentation"}))
+    assert "network 'small-cnn' does not answer task 'segmentation'" in problem and "\n" not in problem
     assert RunConfig.from_mapping({"task": "segmentation", "model": "unet"}).task == "segmentation"

@@ -8,12 +8,14 @@ from torch.utils.data import TensorDataset
 
 from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
-from fedcare.model import build_model, check_private_trainable, grad_sample_mode, unet
+from fedcare.model import build_model, grad_sample_mode
+from fedcare.networks import NetworkShape, make_private_trainable, unet
 from fedcare.privacy.dpsgd import plan_round, private_training, train_private
 from fedcare.segmentation import DiceCrossEntropy, LesionTally
 from fedcare.policy import SitePolicy
 from fedcare.sites import Site
-from fedcare.training import noise_only_step, task_loss
+from fedcare.tasks import task_for
+from fedcare.training import noise_only_step
 from tests.dp_checks import assert_dp_step
 
 CONFIG = RunConfig(task="segmentation", model="unet", num_server_rounds=2, batch_size=8, target_epsilon=6.0,
@@ -37,10 +39,9 @@ def site(tmp_path: Path) -> Site:
 
 def test_unet_is_private_trainable_with_the_measured_mode():
     model = build_model(CONFIG)
-    check_private_trainable(model)
-    assert grad_sample_mode(CONFIG) in ("hooks", "functorch")
+    assert grad_sample_mode(model, CONFIG) in ("hooks", "functorch")
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 2, 32, 32)
-    check_private_trainable(unet(spatial_dims=3))  # the 3D network is built the same way
+    make_private_trainable(unet(NetworkShape(3, 1, 2)))  # the 3D network is built the same way
 
 
 def test_per_sample_gradients_clipping_and_noise_are_really_applied(tmp_path):
@@ -48,7 +49,7 @@ def test_per_sample_gradients_clipping_and_noise_are_really_applied(tmp_path):
     plan = plan_round(CONFIG, site(tmp_path), len(data), [], "run-1")
     private = private_training(build_model(CONFIG), data, CONFIG, plan, [])
     images, masks = next(iter(private.loader))
-    assert_dp_step(private, build_model(CONFIG), task_loss(CONFIG), images, masks, plan)
+    assert_dp_step(private, build_model(CONFIG), task_for(CONFIG).loss(CONFIG), images, masks, plan)
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step(tmp_path):
@@ -96,6 +97,7 @@ def test_the_loss_of_a_batch_is_the_mean_of_its_samples_losses():
 
 
 def test_the_run_config_sets_the_lesion_weight_of_training_and_evaluation():
-    assert task_loss(RunConfig(task="segmentation", model="unet", lesion_weight=3.0)).class_weight.tolist() == [1.0, 3.0]
+    config = RunConfig(task="segmentation", model="unet", lesion_weight=3.0)
+    assert task_for(config).loss(config).class_weight.tolist() == [1.0, 3.0]
     with pytest.raises(ConfigError, match="lesion-weight"):
         RunConfig.from_mapping({"task": "segmentation", "model": "unet", "lesion-weight": 0.0})

@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from fedcare.config import RunConfig
-from fedcare.egress import ModelShapes, append_entry, audit, network_name, reply_entry
+from fedcare.egress import ModelShapes, append_entry, audit, network_spec, reply_entry
 from fedcare.errors import FedcareError
 from fedcare.model import build_model
 from fedcare.training import make_optimizer
@@ -100,9 +100,10 @@ def test_egress_audit_passes_real_replies_and_flags_what_must_not_leave(tmp_path
 
 
 def test_a_3d_network_is_audited_against_its_own_shapes(tmp_path):
-    unet_3d = build_model(RunConfig(task="segmentation", model="unet", input_mode="3d")).state_dict()
+    three_d = RunConfig(task="segmentation", model="unet", input_mode="3d")
+    unet_3d = build_model(three_d).state_dict()
     log = tmp_path / "egress.jsonl"
-    append_entry(log, reply_entry(reply(unet_3d), run_id=7, server_round=1, model=network_name("unet", "3d")))
+    append_entry(log, reply_entry(reply(unet_3d), run_id=7, server_round=1, model=network_spec(three_d)))
     assert audit(log, ModelShapes()).clean
     as_2d = tmp_path / "as-2d" / "egress.jsonl"  # the same reply audited as the 2D U-Net: every kernel is wrong
     append_entry(as_2d, reply_entry(reply(unet_3d), run_id=7, server_round=1, model="unet"))

@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader, Dataset
 from fedcare.config import RunConfig
 from fedcare.device import model_device
 from fedcare.model import grad_sample_mode
+from fedcare.tasks import task_for
 from fedcare.privacy.accounting import default_delta, epsilon, epsilon_after, noise_multiplier_for
 from fedcare.privacy.ledger import Ledger, LedgerEntry, private_history
 from fedcare.privacy.randomness import site_generator
 from fedcare.privacy.record import DP_SGD, NO_DP, PrivacyRecord
 from fedcare.sites import Site
-from fedcare.training import make_loader, make_optimizer, steps_per_epoch, task_loss, train_epochs
+from fedcare.training import make_loader, make_optimizer, steps_per_epoch, train_epochs
 
 History = list[tuple[float, float, int]]
 
@@ -159,7 +160,7 @@ def private_training(
         module=model, optimizer=make_optimizer(model, config, proximal_mu),
         data_loader=make_loader(dataset, config.batch_size, site_generator(), shuffle=False),
         noise_multiplier=plan.record.noise_multiplier, max_grad_norm=plan.record.max_grad_norm,
-        poisson_sampling=True, grad_sample_mode=grad_sample_mode(config),
+        poisson_sampling=True, grad_sample_mode=grad_sample_mode(model, config),
         noise_generator=site_generator(model_device(model)),  # the noise is drawn where the gradients are
     )
     return PrivateTraining(engine, private_model, optimizer, loader)
@@ -171,7 +172,8 @@ def train_private(
 ) -> tuple[float, PrivacyRecord]:
     """Train one round under DP-SGD; returns (mean loss, the round's record with the steps really taken)."""
     private = private_training(model, dataset, config, plan, history, proximal_mu)
-    loss = train_epochs(private.model, private.loader, private.optimizer, config.local_epochs, task_loss(config))
+    loss = train_epochs(private.model, private.loader, private.optimizer, config.local_epochs,
+                        task_for(config).loss(config))
     steps = sum(step for _, _, step in private.engine.accountant.history) - sum(step for _, _, step in history)
     record = plan.record
     spent = epsilon_after(history, record.noise_multiplier, record.sample_rate, steps, record.delta, record.accountant)

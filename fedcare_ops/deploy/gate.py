@@ -44,7 +44,7 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 
 from fedcare.config import RunConfig
 from fedcare_ops.deploy.approvals import Approvals
-from fedcare.egress import EGRESS_BY_GATE, append_entry, network_name, reply_entry
+from fedcare.egress import EGRESS_BY_GATE, append_entry, network_spec, reply_entry
 from fedcare.errors import APP_REFUSED_CODE, FedcareError
 from fedcare.sites import site_from_settings
 
@@ -123,7 +123,10 @@ def _server_round(message: Message) -> int:
 
 
 def _network(run_config: dict[str, Any]) -> str:
-    return network_name(str(run_config.get("model", "?")), str(run_config.get("input-mode", "2d")))
+    try:
+        return network_spec(RunConfig.from_mapping(run_config))
+    except FedcareError:  # a run config the app refuses: its line still says what was asked
+        return str(run_config.get("model", "?"))
 
 
 def connect(runtime_api_address: str, token: str) -> RuntimeHttpClient:
