@@ -1,27 +1,34 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - create .venv if missing, install, make the demo DICOM, run the federation
-#                 (make demo TASK=segmentation or TASK=segmentation-3d: U-Nets on DICOM SEG masks)
+#                 (make demo TASK=segmentation or TASK=segmentation-3d: U-Nets on DICOM SEG masks;
+#                 TASK=four-class: four kinds of case)
 #   make test   - the same set-up, then the whole test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 # make demo TASK=segmentation: the 2D U-Net on DICOM SEG masks, with its own data and preset;
-# TASK=segmentation-3d: the 3D U-Net on patches of the same series.
+# TASK=segmentation-3d: the 3D U-Net on patches of the same series; TASK=four-class: a classifier
+# of four kinds of case (configs/four-class.toml).
 TASK ?= classification
-ifeq ($(filter classification segmentation segmentation-3d,$(TASK)),)
-$(error TASK=$(TASK): use classification, segmentation or segmentation-3d)
+ifeq ($(filter classification four-class segmentation segmentation-3d,$(TASK)),)
+$(error TASK=$(TASK): use classification, four-class, segmentation or segmentation-3d)
 endif
+DEMO_MARKER := site-2/labels.csv
+DEMO_TASK := classification
+DEMO_FLAGS :=
 ifneq ($(filter segmentation segmentation-3d,$(TASK)),)
 DEMO_DATA := outputs/demo-seg
 DEMO_CONFIG := configs/$(TASK).toml
 DEMO_MARKER := site-2/series-000/SEG.dcm
 DEMO_TASK := segmentation
+else ifeq ($(TASK),four-class)
+DEMO_DATA := outputs/demo-4class
+DEMO_CONFIG := configs/four-class.toml
+DEMO_FLAGS := --classes 4
 else
 DEMO_DATA := outputs/demo-data
 DEMO_CONFIG := configs/demo.toml
-DEMO_MARKER := site-2/labels.csv
-DEMO_TASK := classification
 endif
 # Flower's connections and local SuperLink state stay inside the project, never in $HOME.
 export FLWR_HOME := $(CURDIR)/outputs/flwr-home
@@ -41,7 +48,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo-data: setup
 	@test -f $(DEMO_DATA)/$(DEMO_MARKER) -a -f $(DEMO_DATA)/site-2/site.toml -a -f $(DEMO_DATA)/.fedcare-demo-sites \
-		|| $(BIN)/fedcare demo-data --out $(DEMO_DATA) --sites 3 --task $(DEMO_TASK) --overwrite
+		|| $(BIN)/fedcare demo-data --out $(DEMO_DATA) --sites 3 --task $(DEMO_TASK) $(DEMO_FLAGS) --overwrite
 
 demo: demo-data
 	$(BIN)/fedcare run --config $(DEMO_CONFIG) --sites 3 --fresh-sites

@@ -15,19 +15,18 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedcare.errors import ConfigError
-from fedcare.tasks import Task
+from fedcare.figures import METRICS, metric_label
 
-# The columns of the per-round tables, in order, where a run's task reports them; the task's other
-# metrics (per-class figures, counts) are shown apart (fedcare.outputs_classes).
-METRICS = ("loss", "accuracy", "auc", "dice")
-LABELS = {"loss": "val loss", "accuracy": "val accuracy", "auc": "val AUC", "dice": "val Dice"}
+if TYPE_CHECKING:  # the outputs only ask the run's task; loading the registry here would slow the CLI
+    from fedcare.tasks import Task
+
 # Under outputs-dir: one folder per run, named by its run id, holding checkpoint.pt and best_model.pt.
 CHECKPOINTS = "checkpoints"
 AXIS_LABELS = {"auc": "validation ROC AUC of the global model", "dice": "validation mean Dice of the global model"}
@@ -105,10 +104,6 @@ def weighted_aggregate(sites: dict[str, dict[str, Any]], task: Task) -> dict[str
 def headline_metric(figures: dict[str, Any], task: Task) -> str | None:
     """The task's headline metric (AUC for classification, Dice for segmentation), if `figures` hold it."""
     return task.headline if task.headline in figures else None
-
-
-def metric_label(metric: str) -> str:
-    return LABELS.get(metric, f"val {metric}")
 
 
 def metrics_document(config: dict[str, Any], rounds: dict[int, dict[str, dict[str, Any]]],

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedcare.errors import FedcareError
+from fedcare.figures import METRICS, metric_label
 
 if TYPE_CHECKING:
     from fedcare.egress import Audit, ModelShapes
@@ -36,6 +37,8 @@ def demo_data(
                              "--cases counts slices, in series of 10)."),
     allow_without_dp: bool = typer.Option(False, help="Let the sites train without DP when a run asks "
                                           "(dp-required = false in each site.toml); off by default."),
+    classes: int = typer.Option(2, help="classification: kinds of case, 2 to 4 (labels 0 to classes - 1): no "
+                                "finding, lesion, hypodense lesion, calcification."),
 ) -> None:
     """Write real DICOM files and a labels.csv (or DICOM SEG masks) for each simulated hospital."""
     from data_adapters.labels import LABELS_FILENAME
@@ -46,9 +49,10 @@ def demo_data(
     if task not in ("classification", "segmentation"):
         raise FedcareError(f"--task {task!r} must be classification or segmentation")
     counts = _int_list(cases, "--cases") if cases else None
-    writer = write_demo_segmentation_sites if task == "segmentation" else write_demo_sites
+    policy = {"dp-required": False} if allow_without_dp else None
+    writer = (write_demo_segmentation_sites if task == "segmentation"
+              else functools.partial(write_demo_sites, classes=classes))
     with console.status(f"Writing demo DICOM for {sites} sites..."):
-        policy = {"dp-required": False} if allow_without_dp else None
         folders = writer(out, sites=sites, seed=seed, cases=counts, overwrite=overwrite, policy=policy)
     table = Table("site", "folder", "DICOM files")
     for folder in folders:
@@ -285,12 +289,14 @@ def deploy_local(
 
 
 def show_run(folder: Path) -> None:
-    """Print the final round per site (whatever metrics the task reports) and where the run's files are."""
+    """Print the final round per site (the task's headline figures; summary.md has the rest) and where
+    the run's files are."""
     document = json.loads((folder / "metrics.json").read_text())
     last = document["rounds"][-1]
     aggregate = last["aggregate"]
-    metrics = [name for name in aggregate if name not in ("num_examples", "loss")]
-    table = Table("site", "training", *(f"val {name}" for name in metrics), "val cases", title=f"Round {last['round']}")
+    metrics = [name for name in METRICS if name in aggregate and name != "loss"]
+    table = Table("site", "training", *(metric_label(name) for name in metrics), "val cases",
+                  title=f"Round {last['round']}")
     for site, entry in last["sites"].items():
         table.add_row(site, entry.get("train_status", "-"), *(_fmt(entry.get(name)) for name in metrics),
                       str(entry.get("num_examples", "-")))

@@ -1,7 +1,8 @@
 """Synthetic CT sites for demos and tests: one folder of real DICOM files per simulated hospital.
 
 Every case is a 2D CT-like slice in Hounsfield units (body ellipse, fat rim, soft-tissue texture,
-a few small vessels); label 1 cases also hold a lesion-like blob. Sites differ the way real
+a few small vessels); label 1 cases also hold a lesion-like blob. With more classes (`classes`),
+label 2 cases hold a hypodense (darker) lesion and label 3 cases calcifications (small, very bright). Sites differ the way real
 scanners do (stored-value encoding, noise, pixel spacing, vendor, class balance, file naming), so
 the reader and the federated training see realistic heterogeneity. Output is a pure function of
 the seed: the same seed gives byte-identical files. No real identities are written.
@@ -9,6 +10,7 @@ the seed: the same seed gives byte-identical files. No real identities are writt
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -28,6 +30,7 @@ from fedcare.sites import write_site_settings
 __all__ = ["write_demo_sites", "DEFAULT_CASES"]
 
 DEFAULT_CASES = (120, 300, 600)
+MAX_CLASSES = 4
 # Each demo site's own lifetime epsilon: site-0's is small on purpose, so the demo shows a site that
 # refuses the round that would overspend it while the federation goes on with the others.
 DEMO_BUDGET = 10.0
@@ -100,8 +103,8 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int = 8) -> np.nda
     return rows[:, lo] * (1 - frac)[None, :] + rows[:, lo + 1] * frac[None, :]
 
 
-def _render(rng: np.random.Generator, size: int, scanner: _Scanner, lesion: bool) -> np.ndarray:
-    """One slice in HU (float64)."""
+def _render(rng: np.random.Generator, size: int, scanner: _Scanner, label: int) -> np.ndarray:
+    """One slice in HU (float64) of a case of class `label` (0: no finding)."""
     scale = size / 64.0
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     cx, cy = size / 2 + rng.uniform(-2, 2, size=2) * scale
@@ -129,8 +132,13 @@ def _render(rng: np.random.Generator, size: int, scanner: _Scanner, lesion: bool
     # Vessels appear in both classes so that "any bright dot" is not the answer.
     for _ in range(rng.integers(0, 4)):
         blob(*inside_point(0.5), rng.uniform(1.0, 2.2) * scale, rng.uniform(40, 90), 1.0)
-    if lesion:
+    if label == 1:
         blob(*inside_point(0.3), rng.uniform(4.0, 8.0) * scale, rng.uniform(60, 120), rng.uniform(0.75, 1.0))
+    elif label == 2:
+        blob(*inside_point(0.3), rng.uniform(4.0, 8.0) * scale, -rng.uniform(70, 120), rng.uniform(0.75, 1.0))
+    elif label == 3:
+        for _ in range(rng.integers(1, 4)):
+            blob(*inside_point(0.3), rng.uniform(1.5, 2.5) * scale, rng.uniform(400, 700), 1.0)
 
     img += rng.normal(0.0, scanner.noise_hu, size=img.shape) + scanner.hu_offset
     return img
@@ -210,14 +218,22 @@ def _case_dataset(site: int, study: int, in_study: int, scanner: _Scanner, pixel
     return ds
 
 
-def _write_site(folder: Path, site: int, n_cases: int, seed: int, image_size: int) -> None:
+def _labels(rng: np.random.Generator, n_cases: int, positive_rate: float, classes: int) -> np.ndarray:
+    """Class 0 for about 1 - positive_rate of the cases, the other classes sharing the rest in turn."""
+    n_pos = int(round(n_cases * positive_rate))
+    if n_cases >= 2:
+        n_pos = min(max(n_pos, classes - 1), n_cases - 1)
+    labels = np.zeros(n_cases, dtype=int)
+    labels[rng.permutation(n_cases)[:n_pos]] = 1 + np.arange(n_pos) % (classes - 1)
+    return labels
+
+
+def _write_site(folder: Path, site: int, n_cases: int, seed: int, image_size: int, classes: int = 2) -> None:
     scanner = _SCANNERS[site % len(_SCANNERS)]
     rng = np.random.default_rng([seed, site])
-    n_pos = int(round(n_cases * scanner.positive_rate))
-    if n_cases >= 2:
-        n_pos = min(max(n_pos, 1), n_cases - 1)
-    labels = np.zeros(n_cases, dtype=int)
-    labels[rng.permutation(n_cases)[:n_pos]] = 1
+    # More classes need more cases of findings: at least half the cases then hold one.
+    labels = _labels(rng, n_cases, scanner.positive_rate if classes == 2 else max(scanner.positive_rate, 0.6),
+                     classes)
 
     rows = ["SOPInstanceUID,label"]
     for case in range(n_cases):
@@ -228,7 +244,7 @@ def _write_site(folder: Path, site: int, n_cases: int, seed: int, image_size: in
             "series": _uid(seed, site, "series", study),
             "frame": _uid(seed, site, "frame", study),
         }
-        pixels = _encode(_render(rng, image_size, scanner, bool(labels[case])), scanner)
+        pixels = _encode(_render(rng, image_size, scanner, int(labels[case])), scanner)
         path = folder / _relative_name(scanner.layout, study, in_study + 1, uids["sop"])
         path.parent.mkdir(parents=True, exist_ok=True)
         dcmwrite(path, _case_dataset(site, study, in_study, scanner, pixels, uids), enforce_file_format=True)
@@ -259,15 +275,21 @@ def write_demo_sites(
     overwrite: bool = False,
     budgets: Mapping[str, float] = DEMO_BUDGETS,
     policy: Mapping[str, Any] | None = None,
+    classes: int = 2,
 ) -> list[Path]:
     """Write `out/site-0 ... out/site-{sites-1}`, each with DICOM files, a labels.csv and its site.toml.
 
     Each site is written completely in a temporary folder beside `out` and then renamed into
     place, so an interrupted run never leaves a half-written site. Returns the site folders.
     `budgets` gives sites a lifetime epsilon other than DEMO_BUDGET; `policy` adds settings to every
-    site's site.toml (e.g. {"dp-required": False} for runs without DP).
+    site's site.toml (e.g. {"dp-required": False} for runs without DP). `classes` (2 to 4) sets how
+    many kinds of case there are: labels 0 to classes - 1.
     """
-    return write_sites(out, sites, _case_counts(sites, cases), seed, image_size, _write_site, overwrite=overwrite,
+    if not 2 <= classes <= MAX_CLASSES:
+        raise SiteDataError(f"demo data: classes must be 2 to {MAX_CLASSES} (no finding, lesion, hypodense "
+                            f"lesion, calcification), got {classes}")
+    return write_sites(out, sites, _case_counts(sites, cases), seed, image_size,
+                       functools.partial(_write_site, classes=classes), overwrite=overwrite,
                        budgets=budgets, policy=policy)
 
 

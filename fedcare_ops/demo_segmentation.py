@@ -139,7 +139,7 @@ def _write_segmentation_site(folder: Path, site: int, n_slices: int, seed: int, 
         slices, masks = [], []
         for z in range(SLICES_PER_SERIES):
             case = study * SLICES_PER_SERIES + z
-            hu, mask = _slice_with_lesion(_render(rng, image_size, scanner, lesion=False), lesion, z)
+            hu, mask = _slice_with_lesion(_render(rng, image_size, scanner, label=0), lesion, z)
             ds = _case_dataset(site, study, z, scanner, _encode(hu, scanner), {**uids, "sop": _uid(seed, site, "seg-sop", case)})
             dcmwrite(series / f"CT{z + 1:03d}.dcm", ds, enforce_file_format=True)
             slices.append(ds)

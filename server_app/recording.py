@@ -17,7 +17,8 @@ from typing import Any, Iterable
 from flwr.app import Message
 
 from fedcare.errors import APP_REFUSED_CODE, LedgerBusy, site_of_error
-from fedcare.outputs import METRICS, headline_metric, metric_label, weighted_aggregate
+from fedcare.figures import METRICS, metric_label
+from fedcare.outputs import headline_metric, weighted_aggregate
 from fedcare.tasks import TASKS, Task
 
 NO_REPLY = "no reply before the round timeout"

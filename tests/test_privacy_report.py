@@ -94,7 +94,8 @@ def test_markdown_has_the_site_table_assumptions_and_sign_off(tmp_path, run_repo
     assert "set by the site (budget-delta), below 1/N = 0.00208 for N = 480" in page
     assert "(k·ε, k·e^((k−1)·ε)·δ)" in page and "roughly" not in page  # group privacy, stated exactly
     assert "os.urandom" in page and "training loss never leaves" in page
-    for phrase in ("Poisson sampling", "protects a whole\n  patient", "not covered", "No images, labels"):
+    for phrase in ("Poisson sampling", "protects a whole\n  patient", "not covered", "No images, per-case labels",
+                   "confusion matrix"):
         assert phrase in page
     assert "## Sign-off" in page and "| Signature |" in page and "| Date |" in page
     assert "WARNING" not in page
