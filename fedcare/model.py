@@ -61,7 +61,8 @@ def _tried_mode(config: RunConfig) -> str:
     supported = all(type(m) in GradSampleModule.GRAD_SAMPLERS for m in model.modules()
                     if any(p.requires_grad for p in m.parameters(recurse=False)))
     candidates = ("hooks", _FALLBACK) if supported else (_FALLBACK,)
-    sample = torch.rand((2, config.in_channels, *task_for(config).input_size(config)))
+    # An input that asks for its gradient, as a batch inside a network does: hooks then fire as in training.
+    sample = torch.rand((2, config.in_channels, *task_for(config).input_size(config)), requires_grad=True)
     errors = []
     for mode in candidates:
         problem = _per_sample_problem(model, mode, sample)

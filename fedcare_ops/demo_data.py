@@ -135,7 +135,7 @@ def _render(rng: np.random.Generator, size: int, scanner: _Scanner, label: int) 
     if label == 1:
         blob(*inside_point(0.3), rng.uniform(4.0, 8.0) * scale, rng.uniform(60, 120), rng.uniform(0.75, 1.0))
     elif label == 2:
-        blob(*inside_point(0.3), rng.uniform(4.0, 8.0) * scale, -rng.uniform(70, 120), rng.uniform(0.75, 1.0))
+        blob(*inside_point(0.3), rng.uniform(5.0, 9.0) * scale, -rng.uniform(150, 250), rng.uniform(0.75, 1.0))
     elif label == 3:
         for _ in range(rng.integers(1, 4)):
             blob(*inside_point(0.3), rng.uniform(1.5, 2.5) * scale, rng.uniform(400, 700), 1.0)
