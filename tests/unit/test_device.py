@@ -19,9 +19,9 @@ from fedcare.device import resolve_device
 from fedcare.errors import ConfigError, FedcareError
 from fedcare_ops.federation import SiteResources, run_simulation
 from fedcare.model import build_model, check_private_trainable
-from tests.test_client_app import RUN, request
+from tests.unit.test_client_app import RUN, request
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

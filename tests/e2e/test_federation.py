@@ -19,7 +19,7 @@ from fedcare.privacy.ledger import Ledger
 from fedcare.sites import write_site_settings
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

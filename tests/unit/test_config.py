@@ -11,7 +11,7 @@ from fedcare.config import RunConfig, load_preset
 from fedcare.errors import ConfigError
 from fedcare.sites import site_from_node_config, write_site_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pyproject_defaults() -> dict:

@@ -22,7 +22,7 @@ from fedcare.model import build_model
 from server_app.app import publish
 from server_app.checkpoint import Checkpoints
 from server_app.strategies import make_strategy
-from tests.test_client_app import request
+from tests.unit.test_client_app import request
 
 REASON = re.compile(r"^st-olav: the site's (training|evaluation) failed: [A-Za-z]+Error "
                     r"\(the site's own log names the file or setting\)$")

@@ -21,9 +21,9 @@ from fedcare_ops.federation import NotReady, preflight, run_simulation
 from fedcare.policy import SitePolicy
 from fedcare.readiness import run_problems
 from fedcare.sites import write_site_settings
-from tests.test_client_app import request
+from tests.unit.test_client_app import request
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN = {"num-server-rounds": 2, "batch-size": 16, "target-epsilon": 4.0, "min-sites": 1}
 
 
