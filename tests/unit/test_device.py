@@ -26,8 +26,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_demo_sites(tmp_path_factory.mktemp("device") / "data", sites=1, seed=2, cases=[40])[0]
+def data(demo_site: Path) -> Path:
+    return demo_site
 
 
 def context(data: Path, state: Path, device: str) -> Context:

@@ -28,8 +28,8 @@ RUN = {"num-server-rounds": 2, "batch-size": 16, "target-epsilon": 4.0, "min-sit
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return write_demo_sites(tmp_path_factory.mktemp("readiness") / "data", sites=1, seed=2, cases=[40])[0]
+def demo(demo_site: Path) -> Path:
+    return demo_site
 
 
 def site_context(data: Path, state: Path, run: dict, budget_delta: float) -> Context:
@@ -59,9 +59,8 @@ def assert_all_three_agree(folder: Path, tmp_path: Path, run: dict, budget_delta
     return checked.report["problems"]
 
 
-def test_a_three_class_site_is_refused_by_check_site_the_run_and_the_site(demo, tmp_path, caplog):
-    folder = tmp_path / "three-classes"
-    shutil.copytree(demo, folder)
+def test_a_three_class_site_is_refused_by_check_site_the_run_and_the_site(demo_site_copy, tmp_path, caplog):
+    folder = demo_site_copy
     rows = list(csv.reader((folder / "labels.csv").read_text().splitlines()))
     rows[1:] = [[uid, "2" if index % 3 == 0 else label] for index, (uid, label) in enumerate(rows[1:])]
     (folder / "labels.csv").write_text("\n".join(",".join(row) for row in rows) + "\n")
