@@ -56,7 +56,9 @@ def test_each_flower_line_is_printed_once_and_expected_notices_are_explained_onc
     expected = {"[ROUND 1/2]": 1, "[ROUND 2/2]": 1, "configure_evaluate: Sampled 2 nodes (out of 2)": 2}
     assert {line: output.count(line) for line in expected} == expected
     assert ":DEBUG:" not in output
-    # every site's progress, each round, once
+    # every round's start and every site's progress, each round, once
+    assert output.count("round 1: asked 2 site(s) to train: node ") == 1
+    assert output.count("round 2: asked 2 site(s) to train: site-0, site-1") == 1  # named by their first replies
     for server_round in (1, 2):
         for site in ("site-0", "site-1"):
             assert output.count(f"round {server_round} {site}: trained") == 1, (server_round, site)
