@@ -24,6 +24,7 @@ from fedcare.config import RunConfig
 from fedcare.device import cpu_state, model_device, release, resolve_device
 from fedcare.egress import count_replies
 from fedcare.errors import StateError
+from fedcare.logs import one_line_per_record
 from fedcare.model import build_model
 from fedcare.privacy.dpsgd import RoundPlan, plan_release_without_dp, plan_round, record_round, train_private
 from fedcare.privacy.ledger import Ledger, LedgerEntry, private_history
@@ -38,6 +39,7 @@ from fedcare.training import train_plain
 # site_guard outermost: not even a failing mod can send an exception's text out of the site.
 app = ClientApp(mods=[site_guard, egress_log])
 log = logging.getLogger("fedcare.site")
+one_line_per_record()  # each of Flower's lines once in the site's log (fedcare.logs)
 
 
 @dataclass

@@ -3,5 +3,5 @@ simulation runner, per-site deployment (credentials, entry point, the site's app
 coordinator's Fleet-only port), `check-site`'s printing and the demo data generators.
 
 The ClientApp, the ServerApp and the library they share (`fedcare`, `data_adapters`) import nothing
-from here; `tests/test_layering.py` checks that.
+from here; `tests/unit/test_layering.py` checks that.
 """

@@ -23,7 +23,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 import tomli_w
 import torch
@@ -184,11 +184,12 @@ class SiteResources:
 
 def run_simulation(project: Path, preset: Path | None, sites: int, overrides: dict[str, Any] | None = None,
                    flwr_home: Path | None = None, check: bool = True,
-                   resources: SiteResources = SiteResources()) -> Path:
+                   resources: SiteResources = SiteResources(), output: TextIO | None = None) -> Path:
     """Run one federation of `sites` simulated sites; returns the published run folder.
 
     With `check` (the default) the run and its sites go through the readiness rules first and a
     NotReady error lists what to fix; without it the sites' own ClientApps are left to refuse.
+    Flower's output (`flwr run --stream`, stdout and stderr) goes to this terminal, or to `output`.
     """
     project = project.resolve()
     federation = resources.federation_config(sites)
@@ -223,7 +224,8 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
     before, started = _latest(outputs), time.time()
     try:
         with stop_on_signals():
-            status = subprocess.run(command, cwd=project, env=env).returncode
+            status = subprocess.run(command, cwd=project, env=env, stdout=output,
+                                    stderr=None if output is None else subprocess.STDOUT).returncode
     finally:
         with uninterrupted():
             stop_tagged(tag)

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcare.config import RunConfig
 from fedcare.errors import FedcareError
+from fedcare.logs import one_line_per_record
 from fedcare.model import build_model
 from fedcare.outputs import (RunFolder, failed_every_round, headline_metric, metrics_document, metrics_plot,
                              summary_markdown)
@@ -54,6 +55,7 @@ def stream_log() -> None:
         FLOWER_LOGGER.addFilter(_not_flowers_reply_count)
     log.setLevel(logging.INFO)
     log.propagate = False
+    one_line_per_record()  # Flower's own lines too: Opacus gave the root logger a handler
 
 
 @app.main()

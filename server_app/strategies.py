@@ -86,7 +86,11 @@ def guarded(strategy_class: type) -> type:
             this_round = server_round + self.round_offset
             self.round_started = time.monotonic()
             self.wait_for_sites(this_round, grid)
-            return self.log.expect(this_round, "train", super().configure_train(this_round, arrays, config, grid))
+            sent = self.log.expect(this_round, "train", super().configure_train(this_round, arrays, config, grid))
+            # Which sites this round waits for; a simulated site is known by its node id until its first reply.
+            log.info("round %d: asked %d site(s) to train: %s", this_round, len(sent),
+                     ", ".join(sorted(self.log.name_of(msg.metadata.dst_node_id) for msg in sent)))
+            return sent
 
         def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                                grid: Grid) -> Iterable[Message]:

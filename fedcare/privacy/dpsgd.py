@@ -9,7 +9,7 @@ from the site's own entropy each round (`fedcare.privacy.randomness`), never fro
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass, replace
 
 from opacus import PrivacyEngine
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedcare.config import RunConfig
 from fedcare.device import model_device
+from fedcare.logs import SECURE_RNG, explain_once, silence
 from fedcare.model import grad_sample_mode
 from fedcare.tasks import task_for
 from fedcare.privacy.accounting import default_delta, epsilon, epsilon_after, noise_multiplier_for
@@ -30,9 +31,10 @@ from fedcare.training import make_loader, make_optimizer, steps_per_epoch, train
 
 History = list[tuple[float, float, int]]
 
-# Opacus warns on every engine that secure_mode is off; the site's generators replace it, and the
-# privacy report states what they are (fedcare.privacy.randomness), so the repeat says nothing new.
-warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+# Opacus warns on every engine that secure_mode is off; the site's generators replace it, so the
+# site says why once (private_training) instead of once a round.
+silence(SECURE_RNG)
+log = logging.getLogger("fedcare.site")
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ def private_training(
     the site released before. The Poisson sampler and the noise each get a generator of their own,
     seeded from the site's entropy for this round alone.
     """
+    explain_once(SECURE_RNG, log)  # the notice this engine raises, silenced above
     engine = PrivacyEngine(accountant=plan.record.accountant)
     engine.accountant.history = list(history)
     private_model, optimizer, loader = engine.make_private(

@@ -24,9 +24,12 @@ from typing import Any
 from flwr.cli.build import build_fab_from_disk
 
 from fedcare.errors import FedcareError
+from fedcare.logs import GITWILDMATCH, silence
 
 APPROVALS_FILE = "approved-apps.json"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+# Raised by Flower's own bundling on every pattern of every digest; the bytes hashed do not depend on it.
+silence(GITWILDMATCH)
 
 
 def app_digest(folder: Path) -> str:

@@ -32,7 +32,7 @@ from fedcare_ops.deploy.register import flwr_env, write_connection
 from tests.deploy_helpers import copy_project, processes_mentioning
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SITES = ["site-0", "site-1"]
 IMPOSTOR = "site-2"  # registered with its own key, claims to be site-0
 FEDCARE = str(Path(sys.executable).with_name("fedcare"))

@@ -19,7 +19,7 @@ from fedcare.privacy.ledger import Ledger
 from fedcare.sites import write_site_settings
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,11 @@ def federation(tmp_path_factory):
 
     def run(check=True, **overrides):
         values = settings | overrides
-        return run_simulation(ROOT, None, 2, overrides=values, flwr_home=base / "flwr-home", check=check), values
+        # What `fedcare run` would print, kept for the checks on what users see.
+        with open(base / f"output-{len(list(base.glob('output-*')))}.txt", "w") as output:
+            folder = run_simulation(ROOT, None, 2, overrides=values, flwr_home=base / "flwr-home", check=check,
+                                    output=output)
+        return folder, values
 
     return base, run
 
@@ -43,6 +47,23 @@ def federation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(federation):
     return federation[1]()
+
+
+def test_each_flower_line_is_printed_once_and_expected_notices_are_explained_once(federation, first_run):
+    base, _ = federation
+    output = (base / "output-0.txt").read_text()
+    # Flower's own lines, which a second (root) handler used to print again without colour
+    expected = {"[ROUND 1/2]": 1, "[ROUND 2/2]": 1, "configure_evaluate: Sampled 2 nodes (out of 2)": 2}
+    assert {line: output.count(line) for line in expected} == expected
+    assert ":DEBUG:" not in output
+    # every round's start and every site's progress, each round, once
+    assert output.count("round 1: asked 2 site(s) to train: node ") == 1
+    assert output.count("round 2: asked 2 site(s) to train: site-0, site-1") == 1  # named by their first replies
+    for server_round in (1, 2):
+        for site in ("site-0", "site-1"):
+            assert output.count(f"round {server_round} {site}: trained") == 1, (server_round, site)
+    assert output.count("Secure RNG turned off") <= 1
+    assert 1 <= output.count("secure RNG is off; expected") <= 2  # once per site process at most
 
 
 def read(folder: Path, name: str) -> dict:

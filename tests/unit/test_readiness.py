@@ -21,15 +21,15 @@ from fedcare_ops.federation import NotReady, preflight, run_simulation
 from fedcare.policy import SitePolicy
 from fedcare.readiness import run_problems
 from fedcare.sites import write_site_settings
-from tests.test_client_app import request
+from tests.unit.test_client_app import request
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN = {"num-server-rounds": 2, "batch-size": 16, "target-epsilon": 4.0, "min-sites": 1}
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return write_demo_sites(tmp_path_factory.mktemp("readiness") / "data", sites=1, seed=2, cases=[40])[0]
+def demo(demo_site: Path) -> Path:
+    return demo_site
 
 
 def site_context(data: Path, state: Path, run: dict, budget_delta: float) -> Context:
@@ -59,9 +59,8 @@ def assert_all_three_agree(folder: Path, tmp_path: Path, run: dict, budget_delta
     return checked.report["problems"]
 
 
-def test_a_label_outside_the_runs_classes_is_one_line_naming_the_manifest_row(demo, tmp_path, caplog):
-    folder = tmp_path / "three-classes"
-    shutil.copytree(demo, folder)
+def test_a_label_outside_the_runs_classes_is_one_line_naming_the_manifest_row(demo_site_copy, tmp_path, caplog):
+    folder = demo_site_copy
     rows = list(csv.reader((folder / "labels.csv").read_text().splitlines()))
     rows[1:] = [[uid, "2" if index % 3 == 0 else label] for index, (uid, label) in enumerate(rows[1:])]
     (folder / "labels.csv").write_text("\n".join(",".join(row) for row in rows) + "\n")

@@ -16,22 +16,21 @@ import pytest
 from flwr.app import ArrayRecord, Context, RecordDict
 
 from client_app.app import app
-from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import RunConfig
 from fedcare.model import build_model
 from server_app.app import publish
 from server_app.checkpoint import Checkpoints
 from server_app.strategies import make_strategy
-from tests.test_client_app import request
+from tests.unit.test_client_app import request
 
 REASON = re.compile(r"^st-olav: the site's (training|evaluation) failed: [A-Za-z]+Error "
                     r"\(the site's own log names the file or setting\)$")
 
 
 @pytest.fixture(scope="module")
-def broken_site(tmp_path_factory) -> tuple[Path, Context]:
+def broken_site(tmp_path_factory, demo_site: Path) -> tuple[Path, Context]:
     base = tmp_path_factory.mktemp("site-errors")
-    [data] = write_demo_sites(base / "data", sites=1, seed=2, cases=[40])
+    data = demo_site
     state = base / "state"
     state.write_text("a file where the site's state folder should be\n")
     node = {"site-name": "st-olav", "data-path": str(data), "state-path": str(state), "budget-epsilon": 50.0,
@@ -40,19 +39,20 @@ def broken_site(tmp_path_factory) -> tuple[Path, Context]:
     return base, Context(run_id=11, node_id=5, node_config=node, state=RecordDict(), run_config=run)
 
 
-def leaks(text: str, base: Path) -> list[str]:
+def leaks(text: str, *folders: Path) -> list[str]:
     found = [marker for marker in ("Traceback", "Errno", "File \"", "\x1b[") if marker in text]
-    return found + ([str(base)] if str(base) in text else [])
+    return found + [str(folder) for folder in folders if str(folder) in text]
 
 
 def test_an_unexpected_error_leaves_the_site_as_its_kind_only(broken_site, caplog):
     base, context = broken_site
+    data = Path(context.node_config["data-path"])  # the shared demo site, outside `base`
     sent = {kind: request(kind) for kind in ("train", "evaluate")}
     replies = {kind: app(msg, context) for kind, msg in sent.items()}
     for kind, reply in replies.items():
         assert reply.has_error(), kind
         assert REASON.match(reply.error.reason), reply.error.reason
-        assert not leaks(reply.error.reason, base)
+        assert not leaks(reply.error.reason, base, data)
     # The site's own log has the whole story: the traceback and the path.
     assert "Traceback" in caplog.text and str(base / "state") in caplog.text
 
@@ -69,7 +69,7 @@ def test_an_unexpected_error_leaves_the_site_as_its_kind_only(broken_site, caplo
     # The config is the coordinator's own (its outputs folder); all the rest came from the sites.
     from_sites = json.dumps({key: value for key, value in document.items() if key != "config"})
     for text in (summary, from_sites):
-        assert not leaks(text, base)
+        assert not leaks(text, base, data)
         assert "the site's training failed: " in text
     assert "FAILED EVERY ROUND: st-olav (the site's training failed: " in summary
     assert list(document["failed_every_round"]) == ["st-olav"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "adapting.md"
 STEP = re.compile(r"<!-- guide: (\w+)(?: (\S+))? -->\n```\w+\n(.*?)```", re.DOTALL)
 LEFT_BEHIND = shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", "*.egg-info", ".pytest_cache")

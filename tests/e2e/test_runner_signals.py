@@ -15,7 +15,7 @@ import pytest
 from fedcare_ops.demo_data import write_demo_sites
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def started_under(home: Path) -> list[int]:

@@ -12,7 +12,7 @@ from fedcare_ops.federation import run_simulation
 from fedcare.privacy.ledger import Ledger
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from fedcare_ops.cli import app
 from fedcare.config import load_preset
 from fedcare.privacy.accounting import default_delta, epsilon, noise_multiplier_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 

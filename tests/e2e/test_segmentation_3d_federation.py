@@ -9,7 +9,7 @@ import pytest
 from fedcare_ops.demo_segmentation import write_demo_segmentation_sites
 from fedcare_ops.federation import run_simulation
 from fedcare.privacy.ledger import Ledger
-from tests.test_segmentation_federation import ROOT
+from tests.e2e.test_segmentation_federation import ROOT
 
 pytestmark = pytest.mark.slow
 

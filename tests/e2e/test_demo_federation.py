@@ -14,7 +14,7 @@ from fedcare_ops.federation import run_simulation
 from fedcare.privacy.ledger import Ledger
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_demo_stops_site_0_at_its_budget_and_still_learns(tmp_path):

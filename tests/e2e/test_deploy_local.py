@@ -22,7 +22,7 @@ from fedcare.privacy.ledger import Ledger
 from tests.deploy_helpers import processes_mentioning
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SITES = ["site-0", "site-1"]
 
 

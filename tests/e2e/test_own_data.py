@@ -22,7 +22,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STUDIES = Path(get_testdata_file("dicomdirtests/DICOMDIR")).parent  # DICOMDIR's own folder
 SITES = {"north": ("98892001", "77654033"), "south": ("98892003",)}
 

@@ -21,7 +21,7 @@ from fedcare.privacy.ledger import Ledger
 from fedcare.privacy.units import private_units
 from fedcare.sites import Site
 from server_app.recording import refusal_reason
-from tests.test_client_app import request
+from tests.unit.test_client_app import request
 
 CONFIG = RunConfig(num_server_rounds=2, local_epochs=1, batch_size=8, target_epsilon=6.0)
 

@@ -23,7 +23,7 @@ from fedcare.privacy.ledger import Ledger
 from fedcare.sites import Site
 from tests.dp_checks import assert_dp_step
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = RunConfig(num_server_rounds=3, local_epochs=1, batch_size=8, target_epsilon=6.0, learning_rate=0.003)
 
 
@@ -184,7 +184,7 @@ RESTART = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[3])
-    from tests.test_dpsgd import dataset, one_round, site
+    from tests.unit.test_dpsgd import dataset, one_round, site
     print(one_round(site(Path(sys.argv[1]), float(sys.argv[4])), int(sys.argv[2]), dataset()))
 """)
 

@@ -6,7 +6,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from client_app.app import app as client_app
-from fedcare_ops.demo_data import write_demo_sites
 from fedcare.egress import ModelShapes, audit
 
 from fedcare.config import RunConfig
@@ -152,9 +151,8 @@ def site_train(data, state, run_id: int) -> Message:
     return client_app(Message(content, metadata=metadata), context)
 
 
-def test_a_train_reply_names_the_rounds_of_its_own_run_and_passes_the_egress_audit(tmp_path):
-    write_demo_sites(tmp_path / "data", sites=1, seed=6, cases=[40])
-    site_train(tmp_path / "data" / "site-0", tmp_path / "state", run_id=21)
-    second = site_train(tmp_path / "data" / "site-0", tmp_path / "state", run_id=22)
+def test_a_train_reply_names_the_rounds_of_its_own_run_and_passes_the_egress_audit(demo_site, tmp_path):
+    site_train(demo_site, tmp_path / "state", run_id=21)
+    second = site_train(demo_site, tmp_path / "state", run_id=22)
     assert list(second.content["privacy"]["history-run-round"]) == [0, 1]  # run 21's round, then its own
     assert audit(tmp_path / "state" / "egress.jsonl", ModelShapes()).clean

@@ -13,9 +13,9 @@ from fedcare.config import RunConfig
 from fedcare.egress import append_entry, reply_entry
 from fedcare_ops.federation import clear_demo_state
 from fedcare.model import build_model
-from tests.test_client_app import request
+from tests.unit.test_client_app import request
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_audit_exits_non_zero_on_a_violation(tmp_path, fedcare):

@@ -12,7 +12,7 @@ from fedcare.readiness import run_problems
 from fedcare.errors import ConfigError
 from fedcare.sites import site_from_node_config, write_site_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pyproject_defaults() -> dict:

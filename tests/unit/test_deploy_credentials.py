@@ -17,7 +17,7 @@ from fedcare_ops.deploy.entrypoint import coordinator_command, coordinator_comma
 from fedcare.errors import FedcareError
 from tests.cli_checks import one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FEDCARE = str(Path(sys.executable).with_name("fedcare"))
 
 

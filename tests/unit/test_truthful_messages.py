@@ -13,7 +13,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 from flwr.common.logger import console_handler
 
 from client_app.app import train
-from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import RunConfig
 from fedcare.errors import LedgerBusy, LedgerError
 from fedcare.model import build_model
@@ -28,10 +27,8 @@ SITES = ("spent", "busy", "tampered", "fine")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("messages") / "data"
-    write_demo_sites(folder, sites=1, seed=3, cases=[40])
-    return folder / "site-0"
+def data(demo_site: Path) -> Path:
+    return demo_site
 
 
 def request(server_round: int, node: int) -> Message:

@@ -8,7 +8,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from client_app.app import app, evaluate_global, train
-from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import RunConfig
 from fedcare.errors import SITE_ERROR_CODE
 from fedcare.model import build_model
@@ -19,10 +18,8 @@ RUN = {"num-server-rounds": 2, "batch-size": 16, "target-epsilon": 4.0}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("client") / "data"
-    write_demo_sites(folder, sites=1, seed=2, cases=[40])
-    return folder / "site-0"
+def data(demo_site: Path) -> Path:
+    return demo_site
 
 
 def request(kind: str, server_round: int = 1) -> Message:
@@ -85,15 +82,13 @@ def test_a_tampered_ledger_stops_training_with_a_reply_naming_the_site(data, tmp
     ("no-dicom", "empty"),
     ("bad-manifest", "labels.csv"),
 ])
-def test_bad_site_data_gives_a_one_line_failed_reply(data, tmp_path, breakage, named, caplog):
-    folder = {"missing-folder": tmp_path / "does-not-exist", "no-dicom": tmp_path / "empty",
-              "bad-manifest": tmp_path / "copy"}[breakage]
+def test_bad_site_data_gives_a_one_line_failed_reply(demo_site_copy, tmp_path, breakage, named, caplog):
+    folder = {"missing-folder": tmp_path / "does-not-exist", "no-dicom": tmp_path / "empty"}.get(breakage)
     if breakage == "no-dicom":
         folder.mkdir()
         (folder / "notes.txt").write_text("not an image")
     if breakage == "bad-manifest":
-        import shutil
-        shutil.copytree(data, folder)
+        folder = demo_site_copy  # a copy under tmp_path: this test breaks it
         (folder / "labels.csv").write_text("SOPInstanceUID,label\n1.2.3,maybe\n")
     reply = train(request("train"), context(folder, tmp_path / "state"))
     assert reply.has_error() and "data folder or label manifest" in reply.error.reason

@@ -13,7 +13,7 @@ from fedcare.privacy.ledger import Ledger
 from fedcare.segmentation import all_background_dice
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 5  # the demo preset's rounds: with noise from each site's entropy, four left too little margin (Dice 0.15 once)
 
 

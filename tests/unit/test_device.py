@@ -13,21 +13,20 @@ import torch
 from flwr.app import Context, RecordDict
 
 from client_app.app import app, train
-from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import load_preset
 from fedcare.device import resolve_device
 from fedcare.errors import ConfigError, FedcareError
-from fedcare_ops.federation import SiteResources, run_simulation
+from fedcare_ops.federation import SiteResources
 from fedcare.model import build_model, grad_sample_mode
-from tests.test_client_app import RUN, request
+from tests.unit.test_client_app import RUN, request
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_demo_sites(tmp_path_factory.mktemp("device") / "data", sites=1, seed=2, cases=[40])[0]
+def data(demo_site: Path) -> Path:
+    return demo_site
 
 
 def context(data: Path, state: Path, device: str) -> Context:
@@ -108,14 +107,3 @@ def test_simulated_sites_reserve_what_fedcare_run_asks_of_flowers_backend():
         with pytest.raises(FedcareError, match="--gpus-per-site 0.5: torch sees no CUDA device"):
             SiteResources(1, 0.5).federation_config(2)
 
-
-@gpu
-@pytest.mark.slow
-def test_a_short_gpu_federation_of_two_simulated_sites_completes(tmp_path):
-    sites = write_demo_sites(tmp_path / "data", sites=2, cases=[120, 120], budgets={"site-0": 50.0, "site-1": 50.0},
-                             policy={"device": "cuda"})
-    assert sites
-    folder = run_simulation(ROOT, None, 2, flwr_home=tmp_path / "flwr", resources=SiteResources(1, 0.5), overrides={
-        "num-server-rounds": 2, "data-root": str(tmp_path / "data"), "sites-dir": str(tmp_path / "sites"),
-        "outputs-dir": str(tmp_path / "out")})
-    assert (folder / "global_model.pt").is_file()

@@ -12,7 +12,6 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from client_app.app import evaluate_global
-from fedcare_ops.demo_data import write_demo_sites
 from fedcare.config import RunConfig
 from fedcare.model import build_model
 
@@ -21,10 +20,8 @@ WRITE_LIMIT = 100_000
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("cache") / "data"
-    write_demo_sites(folder, sites=1, seed=4, cases=[40])
-    return folder / "site-0"
+def data(demo_site: Path) -> Path:
+    return demo_site
 
 
 def evaluate(data: Path, state: Path, **node) -> Message:

@@ -4,7 +4,7 @@ entry point, nothing secret copied in, CPU torch by default with a build argumen
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def instructions() -> list[tuple[str, str]]:

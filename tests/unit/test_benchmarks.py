@@ -11,7 +11,7 @@ from fedcare.config import RunConfig
 from fedcare.egress import append_entry, reply_entry
 from fedcare.model import build_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import bench_communication  # noqa: E402
 import run as harness  # noqa: E402
