@@ -106,20 +106,36 @@ def tls_front(context: ssl.SSLContext) -> type[asyncio.Protocol]:
     the peer of each failed one, then hands the encrypted connection to uvicorn's h11 protocol."""
 
     class TlsFront(asyncio.Protocol):
+        # asyncio calls it for the raw connection, and start_tls for the decrypted one until the
+        # handover: the request often arrives with the client's last handshake message, before
+        # uvicorn's protocol can be told of the connection, so it is kept here and replayed.
         def __init__(self, config: uvicorn.Config, server_state: Any, app_state: dict[str, Any],
                      _loop: asyncio.AbstractEventLoop | None = None) -> None:
             self.loop = _loop or asyncio.get_event_loop()
             self.http = H11Protocol(config=config, server_state=server_state, app_state=app_state, _loop=self.loop)
+            self.pending: list[bytes] = []
+            self.eof, self.lost, self.lost_error = False, False, None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # Nothing may be read before start_tls takes over, or the ClientHello would be lost here.
             transport.pause_reading()  # type: ignore[attr-defined]
             self.task = self.loop.create_task(self._handshake(transport))
 
+        def data_received(self, data: bytes) -> None:
+            self.pending.append(data)
+
+        def eof_received(self) -> None:
+            self.eof = True
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.lost, self.lost_error = True, exc
+
         async def _handshake(self, transport: asyncio.BaseTransport) -> None:
             peer = _peer(transport.get_extra_info("peername"))
+            if transport.is_closing() or self.lost:
+                return
             try:
-                secure = await self.loop.start_tls(transport, self.http, context, server_side=True,  # type: ignore
+                secure = await self.loop.start_tls(transport, self, context, server_side=True,  # type: ignore
                                                    ssl_handshake_timeout=HANDSHAKE_SECONDS)
             except ConnectionResetError:
                 return  # closed before or during the handshake without a word: a port check, not a refusal
@@ -134,7 +150,14 @@ def tls_front(context: ssl.SSLContext) -> type[asyncio.Protocol]:
                             type(err).__name__)
                 transport.close()
                 return
-            self.http.connection_made(secure)
+            secure.set_protocol(self.http)
+            self.http.connection_made(secure)  # type: ignore[arg-type]
+            for data in self.pending:
+                self.http.data_received(data)
+            if self.eof:
+                self.http.eof_received()
+            if self.lost:
+                self.http.connection_lost(self.lost_error)
 
     return TlsFront
 
@@ -155,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keyfile", type=Path, required=True)
     parser.add_argument("--ca", type=Path, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s fedcare-fleet-port: %(message)s", stream=sys.stderr)
+    # Warnings only: the refusals, not httpx's line per forwarded request.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s fedcare-fleet-port: %(message)s", stream=sys.stderr)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(args.certfile), str(args.keyfile))
     app = FleetOnly(f"https://{args.upstream}", args.ca)
