@@ -40,6 +40,18 @@ if sys.argv[4] == "load":  # importing the ClientApp (torch, MONAI) takes second
 print(json.dumps({"folder": str(folder), "loaded": loaded}))
 """
 
+# The gate's part: the same install for a task of run 42 at site "st-olav", as the gate makes it.
+GATE = """
+import hashlib, json, logging, sys
+from pathlib import Path
+from flwr.supercore.utils import get_flwr_home
+from fedcare_ops.deploy.gate import install_problem
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+content = Path(sys.argv[1]).read_bytes()
+reason = install_problem("st-olav", 42, content, hashlib.sha256(content).hexdigest())
+print(json.dumps({"reason": reason, "left": sorted(p.name for p in (get_flwr_home() / "apps").iterdir())}))
+"""
+
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
@@ -86,19 +98,25 @@ def test_a_full_disk_midway_removes_the_partial_app_and_the_next_run_installs_af
                            capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {probe.stderr.strip()}")
-    command = " ".join(f"'{part}'" for part in install(bundle))
-    # One namespace: a 256 KiB volume (the bundle's files need more), then the same volume grown,
-    # as an operator freeing space would; the mount vanishes with the namespace.
-    script = (f"mount -t tmpfs -o size=256k tmpfs '{apps}' && {command} && "
-              f"mount -o remount,size=32m '{apps}' && {command}")
+    fab = str(bundle[0])
+    install_and_load = " ".join(f"'{part}'" for part in install(bundle))
+    # One namespace: a 256 KiB volume (the bundle's files need more) for the gate's install, then
+    # the same volume grown, as an operator freeing space would; the mount vanishes with the namespace.
+    script = (f"mount -t tmpfs -o size=256k tmpfs '{apps}' && '{sys.executable}' -c '{GATE}' '{fab}' && "
+              f"mount -o remount,size=32m '{apps}' && {install_and_load}")
     done = subprocess.run(["unshare", "-m", "sh", "-c", script], env=_env(home), capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     failed, second = (json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))
-    assert "\n" not in failed["error"]
-    assert failed["error"].startswith(f"{apps}: installing approved app ")
-    assert "No space left on device" in failed["error"] and "free space on the state volume" in failed["error"]
-    assert "the partial copy is removed and the next run installs it afresh" in failed["error"]
+    # The site's log: one line with the folder, the cause and what to do, no traceback.
+    [line] = [text for text in done.stderr.splitlines() if text.startswith("ERROR fedcare.gate")]
+    assert line.startswith(f"ERROR fedcare.gate: st-olav: run 42: {apps}: installing approved app ")
+    assert "No space left on device" in line and "free space on the state volume" in line
+    assert "the partial copy is removed and the next run installs it afresh" in line
+    assert "Traceback" not in done.stderr
+    # The reply: the kind of problem only; the site's folders stay in its log.
+    assert failed["reason"].startswith("st-olav: the site could not install the approved app")
+    assert str(tmp_path) not in failed["reason"]
     assert failed["left"] == []  # nothing half-copied for the next task to load
     assert second["loaded"] == "ClientApp"
 

@@ -2,8 +2,10 @@
 
 Settings come from environment variables, so one image serves every hospital and the coordinator;
 keys and certificates come from mounted files. Every file is checked here first, so a wrong mount
-ends in one line naming it rather than in Flower's traceback or an endless reconnect loop; then
-the role's processes start together (`fedcare_ops.deploy.supervise`):
+ends in one line naming it rather than in Flower's traceback or an endless reconnect loop (a site
+also makes one TLS handshake with FEDCARE_SUPERLINK, if it answers, and stops in one line when its
+CA does not verify the coordinator's certificate or the port speaks no TLS); then the role's
+processes start together (`fedcare_ops.deploy.supervise`):
 
 - coordinator: `flower-superlink` on the operator's address only (loopback by default), whose one
   HTTP port serves Flower's Control, Runtime and Fleet APIs alike, and `fedcare-fleet-port` on the

@@ -108,12 +108,8 @@ def _run_approved(message: Message, context: Context, site: str, fab_id: str, fa
                   digest: str) -> tuple[Message, str, str]:
     # The approved bundle's own egress mod stands down: the gate writes the line (see client_app/egress.py).
     os.environ[EGRESS_BY_GATE] = "1"
-    try:
-        install_app(content, digest, get_flwr_home())
-    except AppInstallError as err:
-        # No app code ran: the site's own fault, one line here; the coordinator learns only its kind.
-        log.error("%s: run %s: %s", site, context.run_id, err)
-        reason = site_error_reason(site, err)
+    reason = install_problem(site, context.run_id, content, digest)
+    if reason is not None:
         return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=message), SubStatus.FAILED, reason
     try:
         load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
@@ -124,6 +120,17 @@ def _run_approved(message: Message, context: Context, site: str, fab_id: str, fa
         reason = f"{type(err)}:<'{err}'>"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message), \
             SubStatus.FAILED, reason
+
+
+def install_problem(site: str, run_id: int, content: bytes, digest: str) -> str | None:
+    """Install the approved bundle under FLWR_HOME; if that fails, log why in one line and return the
+    reply's reason, which names only the kind of problem (the line names the site's folders)."""
+    try:
+        install_app(content, digest, get_flwr_home())
+    except AppInstallError as err:
+        log.error("%s: run %s: %s", site, run_id, err)  # no app code ran: no traceback to show
+        return site_error_reason(site, err)
+    return None
 
 
 def _server_round(message: Message) -> int:
