@@ -174,8 +174,8 @@ Model weights and numbers only: the sample rate q, the noise multiplier σ, the 
 the privacy unit with N (how many patients, or images, the site trains on) and the number of training images,
 refusals with their reasons (which state the site's own limits), and validation metrics: the task's own (for
 classification: loss, accuracy, the macro and each class's one-vs-rest AUC, and the confusion matrix, whose counts
-tell how many validation cases of each class the site holds; for segmentation: loss and Dice). The exact training
-loss never leaves a site (it stays in the site's own log).
+tell how many validation cases of each class the site holds; for segmentation: loss and Dice).
+The exact training loss never leaves a site (it stays in the site's own log).
 No images, per-case labels or patient identifiers left any site.
 """
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import socket
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,7 +83,7 @@ def make_site_key(folder: Path) -> Path:
 
 def check_coordinator(ca: Path, certificate: Path, key: Path, host: str) -> None:
     """The coordinator's certificate is signed by `ca`, matches `key`, names `host` and is in date."""
-    ca_cert = load_certificate(ca)
+    ca_cert = check_ca(ca)
     cert = load_certificate(certificate)
     try:
         cert.verify_directly_issued_by(ca_cert)
@@ -104,8 +106,8 @@ def check_host(certificate: Path, host: str) -> None:
 
 
 def check_site(ca: Path, key: Path) -> None:
-    """A site's CA certificate parses and its private key is a SECP384R1 key."""
-    load_certificate(ca)
+    """A site's CA certificate is an in-date CA and its private key is a SECP384R1 key."""
+    check_ca(ca)
     data = _read(key, "private key")
     try:
         private = serialization.load_ssh_private_key(data, password=None)
@@ -114,6 +116,49 @@ def check_site(ca: Path, key: Path) -> None:
                            "`fedcare deploy init` wrote") from None
     if not isinstance(private, ec.EllipticCurvePrivateKey) or not isinstance(private.curve, CURVE):
         raise FedcareError(f"{key}: not an EC SECP384R1 private key; make one with `fedcare deploy init`")
+
+
+def check_ca(path: Path) -> x509.Certificate:
+    """The certificate at `path` parses, is a CA (what a TLS client can verify a server with) and is in date."""
+    cert = load_certificate(path)
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        # The usual slip: the coordinator's server.pem copied where the CA's certificate belongs.
+        raise FedcareError(f"{path}: not a CA certificate (issued to {_common_name(cert)!r}); copy the ca.crt "
+                           "that `fedcare deploy init` wrote for this site")
+    _check_dates(path, cert)
+    return cert
+
+
+def coordinator_tls_problem(ca: Path, address: str, timeout: float = 5.0) -> str | None:
+    """Why the coordinator at HOST:PORT cannot be trusted with the CA in `ca`, or None when its
+    certificate verifies (or the coordinator is not reachable yet: then nothing can be checked).
+
+    A SuperNode that meets a certificate it cannot verify, or a port without TLS, retries forever
+    without saying so; one handshake here turns that into one line before it starts.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                return None
+    except ssl.SSLCertVerificationError as err:
+        if err.verify_code == _HOSTNAME_MISMATCH:
+            return (f"FEDCARE_SUPERLINK={address}: the coordinator's certificate is not issued for '{host}'; "
+                    "use the name it was issued for, or have the coordinator reissue it with "
+                    f"`fedcare deploy init --host {host}`")
+        return (f"{ca}: the coordinator at {address} presents a certificate this CA did not sign "
+                f"({err.verify_message}); copy the ca.crt of this federation's `fedcare deploy init`")
+    except ssl.SSLError:
+        return (f"FEDCARE_SUPERLINK={address}: the coordinator does not answer with TLS there; set it to "
+                "the coordinator's public Fleet port (FEDCARE_PORT on the coordinator, 9092 by default)")
+    except (OSError, ValueError):
+        return None  # not reachable yet (or not resolvable from here): the SuperNode keeps trying
 
 
 def check_public_key(path: Path) -> None:
@@ -158,6 +203,12 @@ def certificate_hosts(cert: x509.Certificate) -> set[str]:
 
 
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+_HOSTNAME_MISMATCH = 62  # OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else cert.subject.rfc4514_string()
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -2,8 +2,10 @@
 
 Settings come from environment variables, so one image serves every hospital and the coordinator;
 keys and certificates come from mounted files. Every file is checked here first, so a wrong mount
-ends in one line naming it rather than in Flower's traceback or an endless reconnect loop; then
-the role's processes start together (`fedcare_ops.deploy.supervise`):
+ends in one line naming it rather than in Flower's traceback or an endless reconnect loop (a site
+also makes one TLS handshake with FEDCARE_SUPERLINK, if it answers, and stops in one line when its
+CA does not verify the coordinator's certificate or the port speaks no TLS); then the role's
+processes start together (`fedcare_ops.deploy.supervise`):
 
 - coordinator: `flower-superlink` on the operator's address only (loopback by default), whose one
   HTTP port serves Flower's Control, Runtime and Fleet APIs alike, and `fedcare-fleet-port` on the
@@ -44,7 +46,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedcare_ops.deploy.credentials import check_coordinator, check_host, check_site
+from fedcare_ops.deploy.credentials import check_coordinator, check_host, check_site, coordinator_tls_problem
 from fedcare.identities import REGISTRY_FILE, REGISTRY_VARIABLE
 from fedcare_ops.deploy.supervise import supervise
 from fedcare.errors import FedcareError
@@ -61,7 +63,7 @@ LOOPBACK = "127.0.0.1"
 
 def coordinator_command(env: Mapping[str, str]) -> list[str]:
     """The `flower-superlink` command line for these settings, after checking its files."""
-    tls = Path(_get(env, "FEDCARE_TLS_DIR", "/tls"))
+    tls = _tls_dir(env, "ca.crt, server.pem, server.key")
     host = _get(env, "FEDCARE_HOST", "coordinator")
     check_coordinator(tls / "ca.crt", tls / "server.pem", tls / "server.key", host)
     state = _state(env)
@@ -98,7 +100,7 @@ def coordinator_commands(env: Mapping[str, str]) -> dict[str, list[str]]:
 
 def site_command(env: Mapping[str, str]) -> list[str]:
     """The `flower-supernode` command line for these settings, after checking its files."""
-    tls = Path(_get(env, "FEDCARE_TLS_DIR", "/tls"))
+    tls = _tls_dir(env, "ca.crt, site.key")
     check_site(tls / "ca.crt", tls / "site.key")
     superlink = _get(env, "FEDCARE_SUPERLINK", "")
     if ":" not in superlink:
@@ -130,6 +132,14 @@ def site_commands(env: Mapping[str, str]) -> dict[str, list[str]]:
     executor = [sys.executable, "-m", "fedcare_ops.deploy.site_exec", "--runtime-api-address", runtime,
                 "--state", str(_state(env))]
     return {"supernode": supernode, "site-exec": executor}
+
+
+def check_coordinator_certificate(env: Mapping[str, str]) -> None:
+    """The coordinator at FEDCARE_SUPERLINK, if it answers, presents a certificate the site's CA verifies."""
+    problem = coordinator_tls_problem(Path(_get(env, "FEDCARE_TLS_DIR", "/tls")) / "ca.crt",
+                                      _get(env, "FEDCARE_SUPERLINK", ""))
+    if problem:
+        raise FedcareError(problem)
 
 
 def state_problem(env: Mapping[str, str]) -> str | None:
@@ -186,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         if role not in builders:
             raise FedcareError(f"role {role!r}: expected 'coordinator', 'site' or 'healthcheck ROLE'")
         commands = builders[role](os.environ)
+        if role == "site":
+            check_coordinator_certificate(os.environ)
         env = process_env(os.environ)
         # Relative paths of the run (the ServerApp's outputs-dir) land on the state volume.
         os.chdir(_state(os.environ))
@@ -207,6 +219,15 @@ def _state(env: Mapping[str, str]) -> Path:
         raise FedcareError(f"{state}: the state folder is not writable ({err.strerror}); mount a volume "
                            "the container's user owns") from None
     return state.resolve()
+
+
+def _tls_dir(env: Mapping[str, str], holds: str) -> Path:
+    tls = Path(_get(env, "FEDCARE_TLS_DIR", "/tls"))
+    if not tls.is_dir():
+        # Without it Flower would only retry its connection, never saying that TLS is what is missing.
+        raise FedcareError(f"FEDCARE_TLS_DIR={tls}: folder not found; mount the folder with {holds} there "
+                           "(`fedcare deploy init` wrote it)")
+    return tls
 
 
 def _get(env: Mapping[str, str], name: str, default: str) -> str:

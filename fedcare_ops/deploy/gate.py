@@ -11,7 +11,9 @@ SuperNode's Runtime API and starts this program instead of Flower's `flwr-client
    (`fedcare_ops.deploy.approvals`), and the run request must pass `check_run_request`: BEFORE
    `install_from_fab` or any import from the bundle. A refused bundle gets an Error reply
    ("app not approved by this site: digest ..."), the site logs the digest, and no file of it runs;
-3. otherwise `install_from_fab`, `get_load_client_app_fn` and the ClientApp's call, as Flower does;
+3. otherwise `install_from_fab` (all or nothing: `fedcare_ops.deploy.install`; a failed install is
+   one line in the site's log and a failed reply naming only its kind), `get_load_client_app_fn`
+   and the ClientApp's call, as Flower does;
 4. every reply, refusals included, gets its line in `<state>/egress.jsonl` before `push_message`.
 
 What the bundle cannot change: this module, the approvals file's path and the egress log's path
@@ -32,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message
-from flwr.cli.install import install_from_fab
 from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.app_utils import start_parent_process_monitor
@@ -40,12 +41,14 @@ from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_htt
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.utils import get_flwr_home
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from fedcare.config import RunConfig
 from fedcare_ops.deploy.approvals import Approvals
+from fedcare_ops.deploy.install import AppInstallError, install_app
 from fedcare.egress import EGRESS_BY_GATE, append_entry, network_spec, reply_entry
-from fedcare.errors import APP_REFUSED_CODE, FedcareError
+from fedcare.errors import APP_REFUSED_CODE, SITE_ERROR_CODE, FedcareError, site_error_reason
 from fedcare.sites import site_from_settings
 
 log = logging.getLogger("fedcare.gate")
@@ -92,7 +95,8 @@ def run_task(client: RuntimeHttpClient, state: Path) -> int:
         reply = Message(Error(code=APP_REFUSED_CODE, reason=f"{site}: {reason}"), reply_to=message)
     else:
         log.info("%s: run %s runs approved app %s", site, context.run_id, digest)
-        reply, status, details = _run_approved(message, context, run.fab_id, run.fab_version, fab.content, digest)
+        reply, status, details = _run_approved(message, context, site, run.fab_id, run.fab_version, fab.content,
+                                               digest)
     append_entry(state / "egress.jsonl", reply_entry(reply, context.run_id, _server_round(message),
                                                      _network(context.run_config)))
     push_message(client, reply, context)
@@ -100,12 +104,14 @@ def run_task(client: RuntimeHttpClient, state: Path) -> int:
     return 0 if status == SubStatus.COMPLETED else 1
 
 
-def _run_approved(message: Message, context: Context, fab_id: str, fab_version: str, content: bytes,
+def _run_approved(message: Message, context: Context, site: str, fab_id: str, fab_version: str, content: bytes,
                   digest: str) -> tuple[Message, str, str]:
     # The approved bundle's own egress mod stands down: the gate writes the line (see client_app/egress.py).
     os.environ[EGRESS_BY_GATE] = "1"
+    reason = install_problem(site, context.run_id, content, digest)
+    if reason is not None:
+        return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=message), SubStatus.FAILED, reason
     try:
-        install_from_fab(content, skip_prompt=True)
         load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
         return load(fab_id, fab_version, digest)(message=message, context=context), SubStatus.COMPLETED, ""
     except Exception as err:  # pylint: disable=broad-exception-caught
@@ -114,6 +120,17 @@ def _run_approved(message: Message, context: Context, fab_id: str, fab_version: 
         reason = f"{type(err)}:<'{err}'>"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message), \
             SubStatus.FAILED, reason
+
+
+def install_problem(site: str, run_id: int, content: bytes, digest: str) -> str | None:
+    """Install the approved bundle under FLWR_HOME; if that fails, log why in one line and return the
+    reply's reason, which names only the kind of problem (the line names the site's folders)."""
+    try:
+        install_app(content, digest, get_flwr_home())
+    except AppInstallError as err:
+        log.error("%s: run %s: %s", site, run_id, err)  # no app code ran: no traceback to show
+        return site_error_reason(site, err)
+    return None
 
 
 def _server_round(message: Message) -> int:

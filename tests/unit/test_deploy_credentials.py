@@ -2,9 +2,12 @@
 ending in one line that names it (exit 1, no traceback), before any Flower process starts."""
 
 import os
+import socket
+import ssl
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,9 +15,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedcare_ops.deploy.credentials import certificate_hosts, check_coordinator, make_credentials
+from fedcare_ops.deploy.credentials import (certificate_hosts, check_coordinator, coordinator_tls_problem,
+                                            make_credentials)
 from fedcare_ops.deploy.entrypoint import coordinator_command, coordinator_commands, site_command, site_commands
 from fedcare.errors import FedcareError
+from fedcare_ops.processes import free_port
 from tests.cli_checks import one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,3 +163,83 @@ def test_a_roles_processes_end_together_with_the_first_ones_status(tmp_path):
                            "sys.exit(supervise({'long': ['sleep', '60'], 'short': ['sh', '-c', 'exit 3']}, "
                            "os.environ))"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 3 and "short exited with status 3" in done.stderr
+
+
+class TlsServer:
+    """A real TLS listener on loopback presenting `cert`/`key` (or plain TCP without them): what a
+    site's entry point meets at FEDCARE_SUPERLINK. It completes handshakes and says nothing."""
+
+    def __init__(self, cert: Path | None = None, key: Path | None = None) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.context = None
+        if cert is not None:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(str(cert), str(key))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    if self.context is None:
+                        conn.recv(1024)
+                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # a plaintext port's answer
+                    else:
+                        with self.context.wrap_socket(conn, server_side=True) as tls:
+                            tls.recv(1)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def site_env(tls: Path, state: Path, data: Path, port: int) -> dict:
+    return {"FEDCARE_TLS_DIR": str(tls), "FEDCARE_STATE": str(state), "FEDCARE_SUPERLINK": f"localhost:{port}",
+            "FEDCARE_SITE_NAME": "site-0", "FEDCARE_DATA": str(data), "FEDCARE_BUDGET_EPSILON": "8"}
+
+
+def test_a_site_whose_ca_did_not_sign_the_coordinators_certificate_stops_in_one_line(credentials, tmp_path):
+    other = make_credentials(tmp_path / "other", ["site-0"], ["localhost"])
+    server = TlsServer(other / "coordinator" / "server.pem", other / "coordinator" / "server.key")
+    try:
+        done = run_entrypoint("site", site_env(credentials / "sites" / "site-0", tmp_path / "s", tmp_path, server.port))
+    finally:
+        server.close()
+    one_line_error(done, str(credentials / "sites" / "site-0" / "ca.crt"), "certificate this CA did not sign",
+                   "copy the ca.crt")
+
+
+def test_a_coordinator_port_without_tls_or_for_another_name_stops_the_site_in_one_line(credentials, tmp_path):
+    plain = TlsServer()
+    try:
+        done = run_entrypoint("site", site_env(credentials / "sites" / "site-0", tmp_path / "s", tmp_path, plain.port))
+    finally:
+        plain.close()
+    one_line_error(done, f"FEDCARE_SUPERLINK=localhost:{plain.port}", "does not answer with TLS")
+    # The federation's own certificate, issued for coordinator.example and 10.0.0.5, reached as localhost.
+    ours = TlsServer(credentials / "coordinator" / "server.pem", credentials / "coordinator" / "server.key")
+    try:
+        assert "not issued for 'localhost'" in coordinator_tls_problem(
+            credentials / "sites" / "site-0" / "ca.crt", f"localhost:{ours.port}")
+        # Reached by a name it carries, it verifies; a coordinator not up yet cannot be checked.
+        assert coordinator_tls_problem(credentials / "sites" / "site-0" / "ca.crt", f"127.0.0.1:{ours.port}") is None
+    finally:
+        ours.close()
+    assert coordinator_tls_problem(credentials / "sites" / "site-0" / "ca.crt", f"127.0.0.1:{free_port()}") is None
+
+
+def test_a_server_certificate_given_as_the_sites_ca_or_no_tls_folder_is_one_line(credentials, tmp_path):
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    (tls / "ca.crt").write_bytes((credentials / "coordinator" / "server.pem").read_bytes())
+    (tls / "site.key").write_bytes((credentials / "sites" / "site-0" / "site.key").read_bytes())
+    done = run_entrypoint("site", site_env(tls, tmp_path / "s", tmp_path, free_port()))
+    one_line_error(done, str(tls / "ca.crt"), "not a CA certificate", "coordinator.example")
+    done = run_entrypoint("site", site_env(tmp_path / "no-such-folder", tmp_path / "s", tmp_path, free_port()))
+    one_line_error(done, f"FEDCARE_TLS_DIR={tmp_path / 'no-such-folder'}", "folder not found", "ca.crt, site.key")
