@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -23,6 +21,7 @@ from fedcare.outputs import resume_folder
 from fedcare.policy import SitePolicy
 from fedcare.privacy.accounting import default_delta
 from fedcare.tasks import task_for
+from fedcare.tasks.base import SiteCounts
 
 __all__ = ["MAX_DELTA", "SiteCounts", "input_problem",
            "require_site_ready", "run_problems", "site_delta", "site_problems"]
@@ -31,16 +30,6 @@ __all__ = ["MAX_DELTA", "SiteCounts", "input_problem",
 # a site's own budget-delta may not exceed it (its default rule never does: at most 1e-5).
 MAX_DELTA = 1e-3
 _LARGEST_SIZE_TRIED = 512
-
-
-@dataclass(frozen=True)
-class SiteCounts:
-    """How many cases a site trains and validates on, per class label (classification only)."""
-
-    num_train: int
-    num_val: int
-    train_per_class: Mapping[int, int] = field(default_factory=dict)
-    val_per_class: Mapping[int, int] = field(default_factory=dict)
 
 
 def run_problems(config: RunConfig, sites: int | None = None) -> list[str]:

@@ -7,16 +7,12 @@ Add a task in one place: a module beside these and one line in TASKS. A run name
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
 from fedcare.tasks.base import Task
 from fedcare.tasks.classification import Classification
 from fedcare.tasks.segmentation import Segmentation
 from fedcare.tasks.segmentation_3d import Segmentation3D
-
-if TYPE_CHECKING:
-    from fedcare.config import RunConfig
 
 __all__ = ["TASKS", "Task", "task_for"]
 

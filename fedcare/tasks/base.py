@@ -9,17 +9,26 @@ egress audit for which metrics may leave a site.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from torch import nn
 
-if TYPE_CHECKING:  # type hints only: the config module builds on nothing here
-    from data_adapters.dataset import SiteDatasets
-    from fedcare.config import RunConfig
-    from fedcare.readiness import SiteCounts
-    from fedcare.sites import Site
+from data_adapters.dataset import SiteDatasets
+from fedcare.config import RunConfig
+from fedcare.sites import Site
 
-__all__ = ["Task"]
+__all__ = ["SiteCounts", "Task"]
+
+
+@dataclass(frozen=True)
+class SiteCounts:
+    """How many cases a site trains and validates on, per class label (classification only)."""
+
+    num_train: int
+    num_val: int
+    train_per_class: Mapping[int, int] = field(default_factory=dict)
+    val_per_class: Mapping[int, int] = field(default_factory=dict)
 
 
 class Task:

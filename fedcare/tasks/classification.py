@@ -9,7 +9,7 @@ confusion matrix of its validation split, as counts the server adds up over site
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,15 +18,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from data_adapters import site_datasets
+from data_adapters.dataset import SiteDatasets
+from fedcare.config import RunConfig
 from fedcare.device import model_device
-from fedcare.tasks.base import Task
+from fedcare.sites import Site
+from fedcare.tasks.base import SiteCounts, Task
 from fedcare.training import make_loader
 
-if TYPE_CHECKING:
-    from data_adapters.dataset import SiteDatasets
-    from fedcare.config import RunConfig
-    from fedcare.readiness import SiteCounts
-    from fedcare.sites import Site
 
 # Per class: two to learn from (one alone is memorised, not learnt), one to validate, so that
 # every class is seen by the validation AUC (with one class only it is 0.5 whatever the model does).

@@ -6,18 +6,17 @@ a site reports loss and its lesion Dice over all its validation pixels, the head
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from data_adapters import segmentation_datasets
+from data_adapters.dataset import SiteDatasets
+from fedcare.config import RunConfig
 from fedcare.segmentation import DiceCrossEntropy, evaluate_segmentation
+from fedcare.sites import Site
 from fedcare.tasks.base import Task
 
-if TYPE_CHECKING:
-    from data_adapters.dataset import SiteDatasets
-    from fedcare.config import RunConfig
-    from fedcare.sites import Site
 
 # Background and lesion.
 MASK_CLASSES = 2

@@ -6,19 +6,18 @@ The run asks for it with task = "segmentation" and input-mode = "3d".
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from data_adapters import segmentation_volume_datasets
+from data_adapters.dataset import SiteDatasets
+from fedcare.config import RunConfig
 from fedcare.networks import unet_size_multiple
 from fedcare.segmentation import evaluate_volumes
+from fedcare.sites import Site
 from fedcare.tasks.segmentation import Segmentation
 
-if TYPE_CHECKING:
-    from data_adapters.dataset import SiteDatasets
-    from fedcare.config import RunConfig
-    from fedcare.sites import Site
 
 
 class Segmentation3D(Segmentation):
