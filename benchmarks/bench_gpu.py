@@ -10,7 +10,7 @@ functions a site trains with. It reports the DP-over-plain ratio on the GPU (tar
 the 2D classifier) and the GPU-over-CPU speed-up. The CPU runs a few steps only of the large presets
 (times are per step, so the figures compare). Where torch sees no CUDA device it says so and exits 0.
 
-It imports only what a site's training needs (torch, monai, opacus, numpy, scikit-learn, and this
+It imports only what a site's training needs (torch, monai, opacus, numpy, pydicom, dp-accounting and this
 project's training code), never Flower, so it runs where only those wheels are installed.
 """
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -110,7 +109,7 @@ def evaluate_classes(model: nn.Module, dataset: Dataset, batch_size: int, num_cl
         targets.append(labels.numpy())
     score, target = np.concatenate(scores), np.concatenate(targets)
     predicted = score.argmax(axis=1)
-    per_class = {class_auc_name(k): _one_vs_rest_auc(target == k, score[:, k]) for k in range(num_classes)}
+    per_class = {class_auc_name(k): one_vs_rest_auc(target == k, score[:, k]) for k in range(num_classes)}
     confusion = {confusion_name(t, p): int(np.sum((target == t) & (predicted == p)))
                  for t in range(num_classes) for p in range(num_classes)}
     return {
@@ -122,6 +121,14 @@ def evaluate_classes(model: nn.Module, dataset: Dataset, batch_size: int, num_cl
     }
 
 
-def _one_vs_rest_auc(positive: np.ndarray, score: np.ndarray) -> float:
-    # Undefined when the split holds this class only, or none of it: report chance rather than fail.
-    return float(roc_auc_score(positive, score)) if 0 < positive.sum() < len(positive) else 0.5
+def one_vs_rest_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC of `score` for the cases marked `positive`: the chance that a random positive case
+    scores above a random other one, ties counting half (the Mann-Whitney U statistic)."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:  # undefined for a split holding this class only, or none of it: chance
+        return 0.5
+    values, inverse, counts = np.unique(np.asarray(score), return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based, tied scores sharing their mean rank
+    ranks = mean_rank[inverse.ravel()]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -168,3 +168,4 @@ def test_a_state_folder_with_earlier_rounds_but_no_ledger_does_not_train(data, t
     reply = train(request("train", 2), context(data, tmp_path))
     assert reply.has_error() and "no privacy ledger" in reply.error.reason
     assert not (tmp_path / "ledger.jsonl").exists()
+
