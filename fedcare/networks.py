@@ -15,6 +15,7 @@ Add a network of your own in one place: a factory `(NetworkShape, **args) -> nn.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,6 +32,10 @@ __all__ = ["NETWORKS", "NetworkShape", "build_network", "make_private_trainable"
 GROUP_NORM = ("group", {"num_groups": 4, "affine": False})
 # Few channels: a site trains this on CPU under DP-SGD, where per-sample gradients cost memory per channel.
 UNET_CHANNELS = (8, 16, 32, 64)
+# Arguments by which a network would load weights or files (pretrained_url, path_or_repo_id,
+# weights...): the coordinator writes model-args, and a site reads nothing and downloads nothing it
+# names. A site's own starting weights come as the run's initial model instead.
+_FETCHING = re.compile(r"pretrain|path|url|file|weight|repo|hub|download|checkpoint", re.IGNORECASE)
 # What a MONAI network calls its input channels and its outputs (classes, or channels of a mask).
 _IN_NAMES = ("in_channels", "n_input_channels")
 _OUT_NAMES = ("out_channels", "num_classes")
@@ -91,11 +96,17 @@ NETWORKS: dict[str, Callable[..., nn.Module]] = {
 
 def build_network(name: str, shape: NetworkShape, args: dict[str, Any]) -> nn.Module:
     """The named network for `shape`, with `args`, trainable under DP-SGD (or a ConfigError naming why not)."""
+    fetching = sorted(key for key in args if _FETCHING.search(key))
+    if fetching:
+        raise ConfigError(f"run config: 'model-args' {', '.join(fetching)} would have the site load weights or files "
+                          "the run names; a site downloads and reads nothing of the coordinator's choosing: remove "
+                          "them (starting weights come as the run's initial model instead)")
     factory = NETWORKS.get(name)
     try:
         model = factory(shape, **args) if factory else monai_network(name, shape, args)
-    except TypeError as err:  # a wrong model-args key or value
-        raise ConfigError(f"run config: 'model-args' do not fit network '{name}': {err}") from None
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as err:  # a wrong model-args key or value
+        detail = " ".join(str(err).split())[:160]
+        raise ConfigError(f"run config: 'model-args' do not fit network '{name}': {type(err).__name__}: {detail}") from None
     return make_private_trainable(model)
 
 
@@ -108,10 +119,6 @@ def monai_network(name: str, shape: NetworkShape, args: dict[str, Any]) -> nn.Mo
                           "(e.g. DenseNet121, EfficientNetBN, SEResNet50)")
     network = getattr(monai_nets, found[name.lower()])
     params = _parameters(network)
-    if args.get("pretrained"):
-        raise ConfigError(f"run config: 'model-args' asks network '{name}' for pretrained weights; a site "
-                          "downloads nothing: remove \"pretrained\" (a fine-tuning start point comes as the "
-                          "run's initial model instead)")
     given: dict[str, Any] = {"pretrained": False} if "pretrained" in params else {}
     given |= _shape_arguments(name, params, shape)
     return network(**given | args)

@@ -1,5 +1,7 @@
 """The run config: pyproject defaults, presets, and one-line errors for wrong keys and values."""
 
+import json
+import socket
 import subprocess
 import sys
 import tomllib
@@ -8,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from fedcare.config import RunConfig, load_preset
-from fedcare.readiness import run_problems
 from fedcare.errors import ConfigError
+from fedcare.model import build_model
+from fedcare.readiness import run_problems
 from fedcare.sites import site_from_node_config, write_site_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,13 +68,29 @@ def test_wrong_key_or_value_names_it(values, named):
     ({"task": "regression"}, "'task' = 'regression' must be one of classification, segmentation"),
     ({"model-args": '{"no_such_argument": 1}'}, "'model-args' do not fit network 'small-cnn'"),
     ({"model": "EfficientNetBN", "model-args": '{"model_name": "efficientnet-b0", "pretrained": true}'},
-     "a site downloads nothing"),
+     "downloads and reads nothing"),
+    ({"model": "Transchex", "model-args": '{"path_or_repo_id": "/etc", "filename": "passwd"}'},
+     "'model-args' filename, path_or_repo_id would have the site load"),
 ])
 def test_an_unknown_task_or_network_stops_the_run_in_one_line(values, says):
     # Names are looked up in the registries when the run starts: the ServerApp, `fedcare run` and
     # `fedcare check-config` all stop on these problems.
     problems = run_problems(RunConfig.from_mapping(values))
     assert len(problems) == 1 and says in problems[0] and "\n" not in problems[0]
+
+
+def test_a_coordinator_cannot_make_a_site_fetch_weights_it_names():
+    # The hostile coordinator's run config: a MONAI network whose argument downloads weights from a
+    # server the coordinator controls (here a listener on loopback that records who connects).
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/weights.pth"
+    config = RunConfig.from_mapping({"model": "HoVerNet", "model-args": json.dumps({"pretrained_url": url})})
+    with pytest.raises(ConfigError, match="pretrained_url would have the site load weights"):
+        build_model(config)
+    with pytest.raises(socket.timeout):
+        listener.accept()  # nobody connected
+    listener.close()
 
 
 def test_simulated_and_deployed_sites_resolve_their_own_folders_and_policies(tmp_path):
