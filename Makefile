@@ -59,7 +59,7 @@ deploy-local: setup
 	$(BIN)/fedcare deploy local --sites 2 --rounds 2 --out outputs/deploy-local
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

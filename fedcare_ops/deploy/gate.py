@@ -155,6 +155,12 @@ def connect(runtime_api_address: str, token: str) -> RuntimeHttpClient:
         retry_invoker=make_simple_http_retry_invoker())
 
 
+def site_log() -> None:
+    """The gate's lines on stderr, INFO and up, as "LEVEL logger: message"."""
+    # force: importing the app's library imports Opacus, whose own basicConfig would otherwise win.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """`fedcare-clientapp --runtime-api-address HOST:PORT --state DIR` (token on stdin or FEDCARE_TASK_TOKEN)."""
     parser = argparse.ArgumentParser(description="Run one ClientApp task through the site's gate.")
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state", type=Path, required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    site_log()
     token = os.environ.pop("FEDCARE_TASK_TOKEN", "").strip()
     if not token:
         print("error: FEDCARE_TASK_TOKEN is not set; fedcare-site-exec starts this program", file=sys.stderr)

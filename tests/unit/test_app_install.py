@@ -42,11 +42,11 @@ print(json.dumps({"folder": str(folder), "loaded": loaded}))
 
 # The gate's part: the same install for a task of run 42 at site "st-olav", as the gate makes it.
 GATE = """
-import hashlib, json, logging, sys
+import hashlib, json, sys
 from pathlib import Path
 from flwr.supercore.utils import get_flwr_home
-from fedcare_ops.deploy.gate import install_problem
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from fedcare_ops.deploy.gate import install_problem, site_log
+site_log()
 content = Path(sys.argv[1]).read_bytes()
 reason = install_problem("st-olav", 42, content, hashlib.sha256(content).hexdigest())
 print(json.dumps({"reason": reason, "left": sorted(p.name for p in (get_flwr_home() / "apps").iterdir())}))
