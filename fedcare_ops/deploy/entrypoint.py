@@ -46,7 +46,9 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
+from fedcare_ops.deploy.approvals import Approvals
 from fedcare_ops.deploy.credentials import check_coordinator, check_host, check_site, coordinator_tls_problem
+from fedcare_ops.deploy.install import INSTALLED_MARK
 from fedcare.identities import REGISTRY_FILE, REGISTRY_VARIABLE
 from fedcare_ops.deploy.supervise import supervise
 from fedcare.errors import FedcareError
@@ -158,10 +160,40 @@ def state_problem(env: Mapping[str, str]) -> str | None:
     return None
 
 
+def app_problem(env: Mapping[str, str]) -> str | None:
+    """Why the site could not load its approved apps: approvals it cannot read, or an installed approved
+    app whose ClientApp module is missing; None when it can. Nothing of the app is imported here."""
+    try:
+        approvals = Approvals(_state(env))
+        approvals.entries()
+    except FedcareError as err:
+        return str(err)
+    apps = _state(env) / "flwr-home" / "apps"
+    for folder in sorted(apps.iterdir()) if apps.is_dir() else []:
+        mark = folder / INSTALLED_MARK
+        if folder.name.startswith(".") or not mark.is_file() or not approvals.approved(mark.read_text().strip()):
+            continue  # staging, or an app no longer approved: the gate installs or refuses afresh
+        module = _clientapp_file(folder)
+        if module is None or not module.is_file():
+            return (f"{folder}: the installed approved app has no ClientApp module; remove the folder, and the "
+                    "next run installs the bundle afresh")
+    return None
+
+
+def _clientapp_file(app: Path) -> Path | None:
+    try:
+        with open(app / "pyproject.toml", "rb") as handle:
+            target = tomllib.load(handle)["tool"]["flwr"]["app"]["components"]["clientapp"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        return None
+    return app / (str(target).split(":")[0].replace(".", "/") + ".py")
+
+
 def healthy(role: str, env: Mapping[str, str]) -> bool:
-    """Whether the state folder has room to write and the role's process answers on its port (the
-    coordinator's, or the site's runtime API); a failing state folder is named in one line on stderr."""
-    problem = state_problem(env)
+    """Whether the state folder has room to write, a site's approved apps can load, and the role's
+    process answers on its port (the coordinator's, or the site's runtime API); a failing state folder
+    or app is named in one line on stderr."""
+    problem = state_problem(env) or (app_problem(env) if role == "site" else None)
     if problem:
         print(f"unhealthy: {problem}", file=sys.stderr)
         return False
