@@ -62,7 +62,9 @@ def _tried_mode(config: RunConfig) -> str:
                     if any(p.requires_grad for p in m.parameters(recurse=False)))
     candidates = ("hooks", _FALLBACK) if supported else (_FALLBACK,)
     # An input that asks for its gradient, as a batch inside a network does: hooks then fire as in training.
-    sample = torch.rand((2, config.in_channels, *task_for(config).input_size(config)), requires_grad=True)
+    # Its own generator: the trial draws nothing from the site's generator state.
+    shape = (2, config.in_channels, *task_for(config).input_size(config))
+    sample = torch.rand(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
     errors = []
     for mode in candidates:
         problem = _per_sample_problem(model, mode, sample)

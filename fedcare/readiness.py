@@ -20,7 +20,7 @@ from fedcare.model import build_model, grad_sample_mode
 from fedcare.outputs import resume_folder
 from fedcare.policy import SitePolicy
 from fedcare.privacy.accounting import default_delta
-from fedcare.tasks import task_for
+from fedcare.tasks import Task, task_for
 from fedcare.tasks.base import SiteCounts
 
 __all__ = ["MAX_DELTA", "SiteCounts", "input_problem",
@@ -53,16 +53,24 @@ def run_problems(config: RunConfig, sites: int | None = None) -> list[str]:
 
 @functools.lru_cache(maxsize=8)  # a site asks once per request; the answer depends on the config alone
 def input_problem(config: RunConfig) -> str | None:
-    """Whether the task and network fit the config, and take its image-size; the smallest size they take if not."""
+    """Whether the task and network fit the config, take its image-size (the smallest size they take
+    if not) and, under DP, have a per-sample gradient mode; checked in that order, so a size that
+    does not fit is named as such rather than as a failed per-sample gradient."""
     try:
         task = task_for(config)
         problems = task.config_problems(config)
         model = build_model(config)
-        mode_problem = _mode_problem(model, config) if config.dp else None
     except ConfigError as err:
         return str(err)
-    if problems or mode_problem:
-        return "; ".join(problems + [mode_problem] if mode_problem else problems)
+    if problems:
+        return "; ".join(problems)
+    size_problem = _size_problem(model, config, task)
+    if size_problem or not config.dp:
+        return size_problem
+    return _mode_problem(model, config)
+
+
+def _size_problem(model: torch.nn.Module, config: RunConfig, task: Task) -> str | None:
     size = task.input_size(config)
     fits = _fits(model, config, size)
     if fits is not False:

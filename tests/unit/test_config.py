@@ -69,6 +69,8 @@ def test_wrong_key_or_value_names_it(values, named):
     ({"model-args": '{"no_such_argument": 1}'}, "'model-args' do not fit network 'small-cnn'"),
     ({"model": "EfficientNetBN", "model-args": '{"model_name": "efficientnet-b0", "pretrained": true}'},
      "downloads and reads nothing"),
+    # A size the network cannot take is named as such, not as a per-sample gradient Opacus cannot compute.
+    ({"model": "DenseNet121", "image-size": 4}, "'image-size' = 4 is too small for the 'DenseNet121' network"),
     ({"model": "Transchex", "model-args": '{"path_or_repo_id": "/etc", "filename": "passwd"}'},
      "'model-args' filename, path_or_repo_id would have the site load"),
 ])
