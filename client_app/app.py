@@ -23,7 +23,7 @@ from data_adapters import SiteDatasets, StoredSplit
 from fedcare.config import RunConfig
 from fedcare.device import cpu_state, model_device, release, resolve_device
 from fedcare.egress import count_replies
-from fedcare.errors import StateError
+from fedcare.errors import ConfigError, StateError
 from fedcare.logs import one_line_per_record
 from fedcare.model import build_model
 from fedcare.privacy.dpsgd import RoundPlan, plan_release_without_dp, plan_round, record_round, train_private
@@ -61,11 +61,21 @@ def start(msg: Message, context: Context) -> Work:
     device = resolve_device(site.device)
     open_state(site)
     model = build_model(config)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    load_global_model(model, msg)
     model.to(device)
     reseed_global()  # nothing after this draws from a state the run's seed set
     return Work(config, task_for(config), site, model, int(msg.content["config"]["server-round"]),
                 str(context.run_id))
+
+
+def load_global_model(model: nn.Module, msg: Message) -> None:
+    """The server's weights into the network the run config describes, or a one-line ConfigError."""
+    try:
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    except RuntimeError as err:
+        first = str(err).splitlines()[-1].strip()[:200]
+        raise ConfigError(f"the server's weights do not fit the network the run config describes ({first}): the "
+                          "coordinator's model, model-args, in-channels and classes must be those of the run") from None
 
 
 def open_state(site: Site) -> None:

@@ -71,16 +71,19 @@ def cached_site_images(folder: Path) -> SiteImages:
 
 
 class _Samples:
-    """Maps a sample index to `(image[1, ...] float32 tensor, label)`; picklable for DataLoader workers."""
+    """Maps a sample index to `(image[C, ...] float32 tensor, label)`; picklable for DataLoader workers.
 
-    def __init__(self, images: list[np.ndarray], labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
+    One-channel images are kept without their channel axis (as decoded and cached); it is added here.
+    """
+
+    def __init__(self, images: list[np.ndarray], labels: np.ndarray, channels: int = 1) -> None:
+        self.images, self.labels, self.channels = images, labels, channels
 
     def __call__(self, index: int) -> tuple[torch.Tensor, int]:
         # A copy: cached images may be read-only memory maps. A plain tensor (no MetaTensor) is
         # lighter to collate and what Opacus expects.
         image = torch.from_numpy(np.array(self.images[index], dtype=np.float32))
-        return image[None], int(self.labels[index])
+        return (image[None] if self.channels == 1 else image), int(self.labels[index])
 
 
 @dataclass
@@ -131,6 +134,7 @@ def site_datasets(
     patient_key: str = "",
     missing_images: str = "stop",
     classes: tuple[str, ...] = (),
+    channels: int = 1,
 ) -> SiteDatasets:
     """Read (or reuse) a site's images and split them into train/validation MONAI datasets.
 
@@ -141,10 +145,11 @@ def site_datasets(
     `data_format` 'nifti' reads converted .nii/.nii.gz volumes instead of DICOM; `patient_key` names the
     manifest's pseudonymous patient column (else DICOM PatientID tells whose each image is); `missing_images`
     'report' trains on the other cases when manifest rows have no readable image, 'stop' refuses; `classes`
-    are the run's class names, which the manifest's labels must be (by name or index).
+    are the run's class names, which the manifest's labels must be (by name or index); `channels` is the
+    run's in-channels (3 keeps colour DICOM as red, green, blue; a 4D NIfTI volume has its own count).
     """
     folder = require_folder(folder)
-    preprocess = Preprocess(window=window, image_size=image_size, volume=input_mode == "3d")
+    preprocess = Preprocess(window=window, image_size=image_size, volume=input_mode == "3d", channels=channels)
     manifest_path = Path(labels_csv) if labels_csv is not None else folder / LABELS_FILENAME
     key = (folder.resolve(), manifest_path.resolve(), label_key, input_mode, irregular, preprocess.fingerprint,
            str(cache_dir), data_format, patient_key, missing_images, classes)
@@ -161,7 +166,7 @@ def site_datasets(
 
     site = _memoised(key, folder.resolve(), manifest_path, build)
     train_idx, val_idx = split(site.labels, site.groups)
-    samples = _Samples(site.images, site.labels)
+    samples = _Samples(site.images, site.labels, channels)
     # MONAI's Dataset applies `transform` to each data item: here the item is a sample index.
     return SiteDatasets(
         train=Dataset(data=train_idx.tolist(), transform=samples),

@@ -1,8 +1,11 @@
 """Decode one DICOM instance into float32 frames in physical units, shaped [frames, rows, columns].
 
-Each step is a small function on (array, dataset), in the order a viewer applies them: colour to
-grey, the modality rescale (classic, or per frame from Enhanced CT/MR functional groups), and
-MONOCHROME1 inverted so that a higher value always means brighter (MONOCHROME2 meaning). The
+Each step is a small function on (array, dataset), in the order a viewer applies them: palette
+colour looked up, the modality rescale (classic, or per frame from Enhanced CT/MR functional
+groups), and MONOCHROME1 inverted so that a higher value always means brighter (MONOCHROME2
+meaning). The run's `in-channels` decides what becomes of colour: one channel is its luminance,
+three keep red, green and blue as channels ([frames, 3, rows, columns]); any other count, or a
+greyscale image where three are asked, makes the image unusable with the reason. The
 compressed syntaxes decode through pydicom's plugins: numpy for native, RLE and deflated data,
 pylibjpeg (libjpeg, openjpeg, rle) for the JPEG family and JPEG 2000.
 """
@@ -28,13 +31,14 @@ from .headers import Unusable, parse
 
 __all__ = [
     "as_monochrome2", "decode_bytes", "decode_dataset", "decode_native", "decode_or_explain", "modality_rescale",
-    "native_pixels", "quiet", "read_file", "read_instance", "to_grey",
+    "native_pixels", "quiet", "read_file", "read_instance", "COLOUR_CHANNELS",
 ]
 
 _PIXEL_DATA = 0x7FE00010
 _NATIVE_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # ITU-R BT.601 luma weights: what a greyscale rendering of an RGB DICOM shows.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+COLOUR_CHANNELS = 3
 
 
 @contextlib.contextmanager
@@ -95,13 +99,22 @@ def decode_native(el: Elements, syntax: str, data: bytes | memoryview | None) ->
     return np.ascontiguousarray(as_monochrome2(values, el, params))
 
 
-def to_grey(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
-    """Colour and palette frames [F, H, W(, 3)] as luminance [F, H, W]; returns (array, was_colour)."""
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-    if arr.ndim == 4:
-        return np.tensordot(arr.astype(np.float32), _LUMA, axes=([-1], [0])), True
-    return arr, False
+def _grey(frames: np.ndarray, channels: int) -> np.ndarray:
+    """Greyscale frames [F, H, W], which only a one-channel run can use."""
+    if channels != 1:
+        raise Unusable(f"a greyscale image (1 channel), where the run's in-channels is {channels}: "
+                       "set in-channels = 1, or leave this image out of the manifest")
+    return frames
+
+
+def _colour(arr: np.ndarray, channels: int) -> np.ndarray:
+    """RGB frames [F, H, W, 3] as luminance [F, H, W] (one channel) or as channels [F, 3, H, W]."""
+    if channels == 1:
+        return np.ascontiguousarray(np.tensordot(arr.astype(np.float32), _LUMA, axes=([-1], [0])))
+    if channels == COLOUR_CHANNELS:
+        return np.ascontiguousarray(arr.transpose(0, 3, 1, 2), dtype=np.float32)
+    raise Unusable(f"a colour image ({COLOUR_CHANNELS} channels), where the run's in-channels is {channels}: "
+                   f"set in-channels = {COLOUR_CHANNELS}, or 1 to train on its luminance")
 
 
 def _transformation(group: Dataset) -> Dataset | None:
@@ -163,32 +176,37 @@ def as_monochrome2(values: np.ndarray, el: Elements, params: np.ndarray) -> np.n
     return (ends.sum(axis=1)[:, None, None] - values).astype(np.float32)
 
 
-def decode_dataset(ds: Dataset, el: Elements | None = None) -> np.ndarray:
-    """Pixel data of a parsed dataset as float32 [F, H, W] in modality units (MONOCHROME2 meaning)."""
+def decode_dataset(ds: Dataset, el: Elements | None = None, channels: int = 1) -> np.ndarray:
+    """Pixel data of a parsed dataset as float32 in modality units (MONOCHROME2 meaning): [F, H, W]
+    for one channel, [F, 3, H, W] for colour kept as channels."""
     el = el or Elements(ds)
     raw = el.raw.get(_PIXEL_DATA)
     data = raw.value if isinstance(raw, RawDataElement) else None
     native = decode_native(el, Elements(ds.file_meta).text("TransferSyntaxUID"), data)
     if native is not None:
-        return native
-    arr, colour = to_grey(_frames_first(ds.pixel_array, ds), ds)
-    if colour:
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return _grey(native, channels)
+    arr = _frames_first(ds.pixel_array, ds)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    if arr.ndim == 4:
+        return _colour(arr, channels)
     values, params = modality_rescale(arr, el)
-    return np.ascontiguousarray(as_monochrome2(values, el, params))
+    return _grey(np.ascontiguousarray(as_monochrome2(values, el, params)), channels)
 
 
-def decode_or_explain(ds: Dataset) -> np.ndarray:
+def decode_or_explain(ds: Dataset, channels: int = 1) -> np.ndarray:
     """`decode_dataset`, with any decoder failure turned into Unusable and a one-line reason."""
     try:
-        return decode_dataset(ds)
+        return decode_dataset(ds, channels=channels)
+    except Unusable:
+        raise
     except Exception as exc:
         # Decoder messages describe the pixel format (and missing plugins), not the patient.
         detail = " ".join(str(exc).split())[:200]
         raise Unusable(f"cannot decode pixel data: {type(exc).__name__}: {detail}") from None
 
 
-def decode_bytes(raw: bytes) -> np.ndarray:
+def decode_bytes(raw: bytes, channels: int = 1) -> np.ndarray:
     """Decode a whole file's bytes; native greyscale without building a pydicom dataset when possible."""
     fast = fast_parse(raw, None, complete=True)
     if fast is not None and fast.pixels is not None:
@@ -197,21 +215,21 @@ def decode_bytes(raw: bytes) -> np.ndarray:
             syntax = fast.meta.text("TransferSyntaxUID")
             frames = decode_native(fast.elements, syntax, memoryview(raw)[start : start + length])
             if frames is not None:
-                return frames
-    return read_instance(raw)[1]
+                return _grey(frames, channels)
+    return read_instance(raw, channels)[1]
 
 
-def read_instance(raw: bytes) -> tuple[Dataset, np.ndarray]:
+def read_instance(raw: bytes, channels: int = 1) -> tuple[Dataset, np.ndarray]:
     """Parse a whole file's bytes and decode it: (dataset, frames). Raises Unusable with the reason."""
     with quiet():
         ds, _ = parse(io.BytesIO(raw), stop_at_pixels=False)
-        return ds, decode_or_explain(ds)
+        return ds, decode_or_explain(ds, channels)
 
 
-def read_file(path: Path) -> tuple[Dataset, np.ndarray]:
+def read_file(path: Path, channels: int = 1) -> tuple[Dataset, np.ndarray]:
     """`read_instance` of a file on disk."""
     try:
         raw = Path(path).read_bytes()
     except OSError:
         raise Unusable("cannot open file (permissions or I/O error)") from None
-    return read_instance(raw)
+    return read_instance(raw, channels)

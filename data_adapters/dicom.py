@@ -12,6 +12,7 @@ quote values, are silenced.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,13 @@ class SiteImages:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def commonest_failure(self) -> str:
+        """', most often: REASON' among files that failed to decode (a run setting can make them all fail)."""
+        if not self.failures:
+            return ""
+        reason, _ = Counter(reason for _, reason in self.failures).most_common(1)[0]
+        return f", most often: {reason}"
 
 
 def _key_value(header: InstanceHeader, manifest: Manifest | None) -> str:
@@ -221,6 +229,10 @@ def load_site(
         raise SiteDataError(f"input-mode {input_mode!r} must be one of {', '.join(INPUT_MODES)}")
     if irregular not in IRREGULAR_CHOICES:
         raise SiteDataError(f"irregular-series {irregular!r} must be one of {', '.join(IRREGULAR_CHOICES)}")
+    if input_mode == "3d" and preprocess is not None and preprocess.channels != 1:
+        raise SiteDataError(f"in-channels = {preprocess.channels} with input-mode 3d: DICOM series are read as one "
+                            "channel; give volumes of several channels as NIfTI (data-format = \"nifti\") or set "
+                            "in-channels = 1")
     cache = DecodeCache(cache_dir) if cache_dir is not None else None
     site_reader = SiteReader(folder, preprocess, cache)
     exclude = (manifest.path,) if manifest is not None else ()
@@ -258,7 +270,7 @@ def _check_complete(site: SiteImages, folder: Path, manifest: Manifest | None, m
         # A silently shrunken site would hide a broken export: name the rows so they can be fixed.
         line = (f"{len(site.missing)} labelled {manifest.key} value(s) in {manifest.path} have no readable DICOM "
                 f"image under {folder} ({manifest.describe(site.missing)}; {len(site.skipped)} file(s) were skipped "
-                "as unreadable): fix those files or drop their rows from the manifest")
+                f"as unreadable{site.commonest_failure()}): fix those files or drop their rows from the manifest")
         if missing_images == "stop":
             raise SiteDataError(line + " (missing-images = \"stop\")")
         log.warning("%s; training on the other %d case(s)", line, len(site.images))

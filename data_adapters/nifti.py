@@ -5,6 +5,8 @@ HU) and reoriented to the DICOM layout used everywhere else, [slices, rows, colu
 manifest is keyed by image file (column image, filename, file or path: a path relative to the
 folder, or a bare file name when it is unique). The result is the same `SiteImages` as the DICOM
 adapter gives, so `site_datasets` serves both; preprocessed arrays use the same disk cache.
+A 4D volume holds one channel per 3D volume along its fourth axis (several MR sequences, as the
+Medical Segmentation Decathlon ships them); their count must be the run's `in-channels`.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A NIfTI volume as float32 [Z, H, W] and its voxel spacing (z, row, column) in mm."""
+def read_nifti(path: Path, channels: int = 1) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A NIfTI volume as float32 [Z, H, W] (one channel) or [C, Z, H, W], and its voxel spacing
+    (z, row, column) in mm. A channel count other than `channels` raises ValueError with the reason."""
     if importlib.util.find_spec("nibabel") is None:
         raise SiteDataError("reading NIfTI needs nibabel: pip install nibabel (a fedcare dependency)")
     from monai.transforms import LoadImage
@@ -42,16 +45,21 @@ def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     except Exception as exc:
         raise ValueError(" ".join(str(exc).split())[:200]) from None
     array = np.asarray(image, dtype=np.float32)
-    if array.ndim == 4 and array.shape[-1] == 1:
-        array = array[..., 0]
     if array.ndim == 2:
         array = array[..., None]
-    if array.ndim != 3:
-        raise ValueError(f"a {array.ndim}-D image: only 2D and 3D NIfTI volumes are supported")
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise ValueError(f"a {array.ndim}-D image: only 2D and 3D NIfTI volumes, with channels along a fourth axis, "
+                         "are supported")
+    if array.shape[-1] != channels:
+        raise ValueError(f"{array.shape[-1]} channel(s), where the run's in-channels is {channels}: set in-channels "
+                         f"to the channels the site's volumes hold")
     pixdim = [float(v) for v in image.pixdim[:3]] if hasattr(image, "pixdim") else [1.0, 1.0, 1.0]
     pixdim += [1.0] * (3 - len(pixdim))
-    # NIfTI voxels are (i, j, k): columns, rows, slices in DICOM terms.
-    return np.ascontiguousarray(array.transpose(2, 1, 0)), (pixdim[2], pixdim[1], pixdim[0])
+    # NIfTI voxels are (i, j, k, channel): columns, rows, slices in DICOM terms.
+    volume = array.transpose(3, 2, 1, 0)
+    return np.ascontiguousarray(volume[0] if channels == 1 else volume), (pixdim[2], pixdim[1], pixdim[0])
 
 
 def nifti_manifest(folder: Path, labels_csv: Path | None = None, classes: tuple[str, ...] = ()) -> Manifest:
@@ -112,7 +120,8 @@ def load_nifti_site(
     if site.missing:
         raise SiteDataError(
             f"{len(site.missing)} labelled file(s) in {manifest.path} have no readable NIfTI image under {folder} "
-            f"({manifest.describe(site.missing)}): restore those files or remove their rows from the manifest"
+            f"({manifest.describe(site.missing)}{site.commonest_failure()}): restore those files or remove their rows "
+            "from the manifest"
         )
     return site
 
@@ -126,7 +135,10 @@ def _samples(path: Path, input_mode: str, preprocess: Preprocess | None, cache: 
         hit = cache.get(key)
         if hit is not None:
             return _split(hit, input_mode), _spacing_unknown(input_mode)
-    volume, spacing = read_nifti(path)
+    channels = preprocess.channels if preprocess is not None else 1
+    volume, spacing = read_nifti(path, channels)
+    if input_mode == "2d" and channels > 1:
+        volume = volume.transpose(1, 0, 2, 3)  # [Z, C, H, W]: each slice a sample with its channels
     prepared = preprocess(volume) if preprocess is not None else volume
     if key is not None:
         pending[key] = prepared

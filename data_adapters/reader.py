@@ -33,6 +33,7 @@ class SiteReader:
         self.fresh: dict[str, np.ndarray] = {}  # decoded during the index pass
         self.failures: dict[str, str] = {}
         self.pending: dict[str, np.ndarray] = {}
+        self.channels = preprocess.channels if preprocess is not None else 1
 
     def known_digest(self, header: InstanceHeader) -> str | None:
         entry = self.digests.get(header.path)
@@ -50,7 +51,7 @@ class SiteReader:
 
     def decode(self, raw: bytes) -> np.ndarray:
         with quiet():
-            return decode_bytes(raw)
+            return decode_bytes(raw, self.channels)
 
     def _key(self, digest: str) -> str | None:
         if self.cache is None or self.preprocess is None:
@@ -83,7 +84,7 @@ class SiteReader:
                 # A touched but unchanged file keeps its content digest, so its cached array still serves.
                 hit = self._cached(self.digests[relative][2])
                 try:
-                    self.fresh[relative] = hit if hit is not None else self._store(relative, decode_bytes(raw))
+                    self.fresh[relative] = hit if hit is not None else self._store(relative, decode_bytes(raw, self.channels))
                 except Unusable as reason:
                     self.failures[relative] = str(reason)
         return header

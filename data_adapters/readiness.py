@@ -175,14 +175,15 @@ def check_site(
     window = window if window is not None else config.window
     problems: list[str] = []
     warnings: list[str] = []
+    channels = config.in_channels
     manifest = _manifest(Path(folder), labels, label_key, policy.patient_key, config.class_names, problems)
     # File-level counts come from decoding every file as 2D images; in 3D mode the labels are
     # then joined to series volumes in a second pass.
     files = load_site(folder, manifest if input_mode == "2d" else None, decode_all=True, strict=False,
-                      preprocess=Preprocess(window, config.image_size), cache_dir=cache_dir)
+                      preprocess=Preprocess(window, config.image_size, channels=channels), cache_dir=cache_dir)
     site = files if input_mode == "2d" else load_site(
         folder, manifest, input_mode="3d", irregular=irregular, cache_dir=cache_dir, strict=False,
-        preprocess=Preprocess(window, config.image_size, volume=True),
+        preprocess=Preprocess(window, config.image_size, volume=True, channels=channels),
     )
     index = files.index
     assert index is not None

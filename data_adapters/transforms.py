@@ -3,7 +3,9 @@
 Windows are named presets (CT in HU) or an explicit "low,high" pair; "minmax" scales each sample
 by its own 0.5-99.5 percentiles, for modalities without a physical scale (MR, CR, US). The steps
 act on a whole stack of frames at once, so decoding a multi-frame file costs one call, and they
-match today's MONAI pipeline (ScaleIntensityRange with clipping, then an area Resize).
+match today's MONAI pipeline (ScaleIntensityRange with clipping, then an area Resize). An image of
+several channels (colour, or MR sequences in one NIfTI) is windowed and resized channel by
+channel, each as a grey image would be: "minmax" scales each channel by its own percentiles.
 
 What a window, a spacing or a patch size means is the run config's (`fedcare.imaging`); the
 adapters apply the parsed values.
@@ -80,11 +82,16 @@ def resize_volume(volume: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Window then resize; `fingerprint` keys the decode cache, so a change of settings re-decodes."""
+    """Window then resize; `fingerprint` keys the decode cache, so a change of settings re-decodes.
+
+    One channel: frames [F, H, W] -> [F, S, S], or a volume [Z, H, W] -> [S, S, S]. Several:
+    frames [F, C, H, W] -> [F, C, S, S], or a volume [C, Z, H, W] -> [C, S, S, S].
+    """
 
     window: Window = WINDOW_PRESETS["soft-tissue"]
     image_size: int = 64
     volume: bool = False  # 3D: one [Z, H, W] volume per sample instead of independent frames
+    channels: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "window", parse_window(self.window))
@@ -93,9 +100,20 @@ class Preprocess:
 
     @property
     def fingerprint(self) -> str:
-        return f"v{_VERSION}|window={self.window}|size={self.image_size}|volume={self.volume}"
+        # One-channel keys are as before channels existed, so a site's existing cache still serves.
+        several = f"|channels={self.channels}" if self.channels != 1 else ""
+        return f"v{_VERSION}|window={self.window}|size={self.image_size}|volume={self.volume}{several}"
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
+        if self.channels == 1:
+            return self._grey(frames)
+        if self.volume:
+            return np.stack([self._grey(channel) for channel in frames])
+        count, channels = frames.shape[:2]
+        size = self.image_size
+        return self._grey(frames.reshape(count * channels, *frames.shape[2:])).reshape(count, channels, size, size)
+
+    def _grey(self, frames: np.ndarray) -> np.ndarray:
         if self.volume:
             return resize_volume(apply_window(frames, self.window), self.image_size)
         if self.window == MINMAX:

@@ -51,13 +51,19 @@ class Classification(Task):
     def output_fits(self, output: Any, size: tuple[int, ...]) -> bool:
         return output.dim() == 2
 
+    def config_problems(self, config: RunConfig) -> list[str]:
+        if config.in_channels != 1 and config.input_mode == "3d" and config.data_format == "dicom":
+            return [f"run config: 'in-channels' = {config.in_channels} with input-mode 3d needs NIfTI volumes "
+                    "(data-format = \"nifti\", channels along the fourth axis): DICOM series are read as one channel"]
+        return []
+
     def datasets(self, config: RunConfig, site: Site, split: Any) -> SiteDatasets:
         policy = site.policy
         return site_datasets(
             site.data_path, split, config.image_size, window=config.window_range,
             input_mode=config.input_mode, label_key=config.label_key or None, irregular=config.irregular_series,
             data_format=config.data_format, cache_dir=site.cache_path, patient_key=policy.patient_key,
-            missing_images=policy.missing_images, classes=config.class_names,
+            missing_images=policy.missing_images, classes=config.class_names, channels=config.in_channels,
         )
 
     def loss(self, config: RunConfig) -> nn.Module:

@@ -30,6 +30,12 @@ class Segmentation(Task):
     def out_channels(self, config: RunConfig) -> int:
         return MASK_CLASSES
 
+    def config_problems(self, config: RunConfig) -> list[str]:
+        if config.in_channels != 1:
+            return [f"run config: 'in-channels' = {config.in_channels}: segmentation reads one channel (the "
+                    "image under its SEG mask); set in-channels = 1"]
+        return []
+
     def output_fits(self, output: Any, size: tuple[int, ...]) -> bool:
         # A segmentation network hands back a mask of the image's own size.
         return tuple(output.shape[2:]) == tuple(size)

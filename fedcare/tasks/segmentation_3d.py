@@ -27,6 +27,9 @@ class Segmentation3D(Segmentation):
         return config.patch_zyx
 
     def config_problems(self, config: RunConfig) -> list[str]:
+        problems = super().config_problems(config)
+        if problems:
+            return problems
         channels = config.network_args.get("channels")
         multiple = unet_size_multiple(tuple(channels)) if channels else unet_size_multiple()
         if any(size % multiple for size in config.patch_zyx):

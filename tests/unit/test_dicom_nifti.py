@@ -70,7 +70,7 @@ def test_missing_and_broken_files(site: Path) -> None:
     with pytest.raises(SiteDataError, match=r"\(row 4\)"):
         load_nifti_site(site, nifti_manifest(site))
     (site / "case3.nii.gz").write_bytes(b"not a volume")
-    with pytest.raises(SiteDataError, match=r"\(row 4\)"):
+    with pytest.raises(SiteDataError, match=r"\(row 4, most often: cannot read NIfTI: "):
         load_nifti_site(site, nifti_manifest(site))
     (site / "labels.csv").write_text("image,label\ncase1.nii.gz,0\n")
     loaded = load_nifti_site(site, nifti_manifest(site))
