@@ -13,9 +13,10 @@ import logging
 import time
 from typing import Any, Iterable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedcare.config import RunConfig
 from fedcare.identities import names_by_node
@@ -42,6 +43,23 @@ class TooFewSites(FedcareError):
         self.resumable = resumable
 
 
+class TaskMetrics:
+    """The sites' validation metrics combined as the run's task says: counts (a confusion matrix's
+    cells) added up, rates weighted by the sites' samples, so Flower's own round lines agree with
+    metrics.json."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+
+    def __call__(self, records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+        combined = aggregate_metricrecords(records, weighting_metric_name)
+        for name in list(combined.keys()):
+            if self.task.is_count(name):
+                combined[name] = sum(float(metrics.get(name, 0.0)) for record in records
+                                     for metrics in record.metric_records.values())
+        return combined
+
+
 def make_strategy(config: RunConfig) -> Any:
     """The configured strategy, every site sampled each round, updates weighted by samples."""
     parameters: dict[str, dict[str, Any]] = {
@@ -49,11 +67,13 @@ def make_strategy(config: RunConfig) -> Any:
         "fedadam": {"eta": config.server_learning_rate},
         "fedtrimmedavg": {"beta": config.trim_fraction},
     }
+    task = task_for(config)
     return guarded(STRATEGIES[config.strategy])(
         fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=config.min_sites,
         min_evaluate_nodes=config.min_sites, min_available_nodes=config.min_sites,
         min_sites=config.min_sites, max_update_norm_ratio=config.max_update_norm_ratio,
-        round_timeout=config.round_timeout, task=task_for(config), **parameters.get(config.strategy, {}),
+        round_timeout=config.round_timeout, task=task, evaluate_metrics_aggr_fn=TaskMetrics(task),
+        **parameters.get(config.strategy, {}),
     )
 
 

@@ -143,3 +143,12 @@ def test_a_name_whose_replies_were_all_rejected_gets_no_row_in_the_privacy_repor
     rounds = {1: {"site-0": {"evaluate_status": "ok"}, "impostor": {"evaluate_status": "rejected"}}}
     sites = privacy_report_data({}, rounds, "run-1", True)["sites"]
     assert set(sites) == {"site-0"} and sites["site-0"]["validation_releases"] == 1
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedmedian"])
+def test_flowers_round_metrics_add_up_confusion_counts_and_weight_rates(name):
+    """What Flower prints each round and at the end agrees with metrics.json: cells summed, AUC weighted."""
+    strategy = make_strategy(RunConfig(strategy=name, min_sites=1))
+    sites = [{"num-examples": 10, "auc": 0.9, "confusion-1-1": 4.0}, {"num-examples": 30, "auc": 0.5, "confusion-1-1": 7.0}]
+    combined = strategy.evaluate_metrics_aggr_fn([RecordDict({"metrics": MetricRecord(s)}) for s in sites], "num-examples")
+    assert combined["confusion-1-1"] == 11.0 and combined["auc"] == pytest.approx(0.6)
