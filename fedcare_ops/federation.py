@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ from fedcare_ops.demo_data import is_demo_site
 from data_adapters.readiness import check_site
 from fedcare.config import RunConfig, parse_site_folders, read_preset
 from fedcare.errors import FedcareError
+from fedcare_ops.flower_output import FlowerOutput, stream
 from fedcare_ops.processes import TAG, free_port, stop_tagged
 from fedcare.readiness import run_problems
 from fedcare.sites import site_from_node_config, simulated_sites
@@ -189,7 +189,8 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
 
     With `check` (the default) the run and its sites go through the readiness rules first and a
     NotReady error lists what to fix; without it the sites' own ClientApps are left to refuse.
-    Flower's output (`flwr run --stream`, stdout and stderr) goes to this terminal, or to `output`.
+    Flower's output (`flwr run --stream`, stdout and stderr) goes to this terminal, or to `output`, with
+    its notices that do not apply explained (fedcare_ops.flower_output).
     """
     project = project.resolve()
     federation = resources.federation_config(sites)
@@ -222,13 +223,15 @@ def run_simulation(project: Path, preset: Path | None, sites: int, overrides: di
     command = [str(Path(sys.executable).with_name("flwr")), "run", str(project), "local", "--stream", "--run-config", str(merged),
                "--federation-config", federation]
     before, started = _latest(outputs), time.time()
+    copying = None
     try:
         with stop_on_signals():
-            status = subprocess.run(command, cwd=project, env=env, stdout=output,
-                                    stderr=None if output is None else subprocess.STDOUT).returncode
+            status, copying = stream(command, cwd=project, env=env, output=FlowerOutput(output or sys.stdout, sites))
     finally:
         with uninterrupted():
             stop_tagged(tag)
+            if copying is not None:
+                copying.join(timeout=10)  # the last lines, once nothing holds the stream open
     published = _latest(outputs)
     published = published if published != before else None
     # A run that completed no round keeps its folder but is not published as latest: find it anyway.

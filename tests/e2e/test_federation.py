@@ -64,6 +64,10 @@ def test_each_flower_line_is_printed_once_and_expected_notices_are_explained_onc
             assert output.count(f"round {server_round} {site}: trained") == 1, (server_round, site)
     assert output.count("Secure RNG turned off") <= 1
     assert 1 <= output.count("secure RNG is off; expected") <= 2  # once per site process at most
+    # Flower's simulation and Ray notices that do not apply: one line each saying why, their hints gone
+    assert "default simulated SuperNodes changed" not in output and "--num-supernodes <N>" not in output
+    assert output.count("does not apply: `fedcare run` sets it from --sites (2 here)") == 1
+    assert "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" not in output
 
 
 def read(folder: Path, name: str) -> dict:
