@@ -18,6 +18,12 @@ class ConfigError(FedcareError):
     kind = "a run-config or node-config setting is wrong"
 
 
+class NetworkTooLarge(ConfigError):
+    """The run's network has more parameters than the site's policy lets it build."""
+
+    kind = "the run's network is larger than this site builds (its max-model-parameters)"
+
+
 class SiteDataError(FedcareError):
     """A site's data folder or label manifest cannot be used."""
 

@@ -47,6 +47,12 @@ def build_model(config: RunConfig) -> nn.Module:
         return build_network(config.model, network_shape(config), config.network_args)
 
 
+def network_parameters(config: RunConfig) -> int:
+    """How many parameters the run's network has, counted without allocating them (on the meta device)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_network(config.model, network_shape(config), config.network_args).parameters())
+
+
 def grad_sample_mode(model: nn.Module, config: RunConfig) -> str:
     """The per-sample gradient mode for this run's network: the config's, the measured one, or the rule's."""
     if config.grad_sample_mode != "auto":

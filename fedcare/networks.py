@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import monai.networks.nets as monai_nets
 from monai.networks.blocks import Convolution
+from monai.utils import OptionalImportError
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -104,6 +105,10 @@ def build_network(name: str, shape: NetworkShape, args: dict[str, Any]) -> nn.Mo
     factory = NETWORKS.get(name)
     try:
         model = factory(shape, **args) if factory else monai_network(name, shape, args)
+    except OptionalImportError as err:  # e.g. einops for MONAI's transformers
+        missing = str(err).split("(No module named", 1)[-1].split(")")[0].strip(" '")
+        raise ConfigError(f"run config: network '{name}' needs the package {missing or 'it imports'}, which this "
+                          "site does not have: choose another network, or add the package to the site's image") from None
     except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as err:  # a wrong model-args key or value
         detail = " ".join(str(err).split())[:160]
         raise ConfigError(f"run config: 'model-args' do not fit network '{name}': {type(err).__name__}: {detail}") from None

@@ -28,6 +28,10 @@ POLICY_DEFAULTS: dict[str, Any] = {
     "privacy-unit": PATIENT,        # patient: epsilon protects a patient; image: only for one image per patient
     "patient-key": "",              # the label manifest's pseudonymous patient column; empty: DICOM PatientID
     "missing-images": "report",     # a labels.csv row without a readable image: report it and train on the rest | stop
+    # The largest network (in parameters) the site builds for a run; 0: no cap. The run config names the
+    # network and its arguments, so without a cap a coordinator could have the site build one that fills
+    # its memory. fedcare's largest preset network, DenseNet121, has 7 million.
+    "max-model-parameters": 100_000_000,
 }
 MISSING_IMAGES = ("report", "stop")
 POLICY_KEYS = ("budget-epsilon", *POLICY_DEFAULTS)
@@ -48,6 +52,7 @@ class SitePolicy:
     privacy_unit: str = PATIENT
     patient_key: str = ""
     missing_images: str = "report"
+    max_model_parameters: int = 100_000_000
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], source: str = "node config") -> "SitePolicy":
@@ -70,6 +75,7 @@ class SitePolicy:
             privacy_unit=_choice(source, "privacy-unit", values["privacy-unit"], PRIVACY_UNITS),
             patient_key=_text(source, "patient-key", values["patient-key"]),
             missing_images=_choice(source, "missing-images", values["missing-images"], MISSING_IMAGES),
+            max_model_parameters=_count(source, "max-model-parameters", values["max-model-parameters"]),
         )
         return policy
 
@@ -84,6 +90,13 @@ class SitePolicy:
         if self.max_run_epsilon and config.target_epsilon > self.max_run_epsilon:
             return (f"the run asks to spend epsilon {config.target_epsilon:g}, over the {self.max_run_epsilon:g} this "
                     "site allows one run")
+        return None
+
+    def network_refusal(self, parameters: int) -> str | None:
+        """Why this site will not build a network of `parameters` parameters for the run, or None."""
+        if self.max_model_parameters and parameters > self.max_model_parameters:
+            return (f"the run's network has {parameters:,} parameters, over the {self.max_model_parameters:,} this "
+                    "site builds (its max-model-parameters)")
         return None
 
     def delta_refusal(self, requested: float, delta: float) -> str | None:

@@ -48,6 +48,7 @@ from fedcare.config import RunConfig
 from fedcare_ops.deploy.approvals import Approvals
 from fedcare_ops.deploy.install import AppInstallError, install_app
 from fedcare.egress import EGRESS_BY_GATE, append_entry, network_spec, reply_entry
+from fedcare.model import network_parameters
 from fedcare.errors import APP_REFUSED_CODE, SITE_ERROR_CODE, FedcareError, site_error_reason
 from fedcare.sites import site_from_settings
 
@@ -64,10 +65,10 @@ def check_run_request(run_config: dict[str, Any], node_config: dict[str, Any]) -
     try:
         site = site_from_settings(node_config, "node config")
         config = RunConfig.from_mapping(run_config)
+        return site.policy.refusal(config) or site.policy.network_refusal(network_parameters(config))
     except FedcareError as err:
         log.error("%s", err)  # the detail may name the site's folders: it stays here
         return err.kind
-    return site.policy.refusal(config)
 
 
 def refusal(fab_content: bytes, claimed_hash: str, approvals: Approvals, run_config: dict[str, Any],
