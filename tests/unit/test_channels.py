@@ -29,6 +29,7 @@ from fedcare.config import RunConfig
 from fedcare.errors import SITE_LOG_HINT, ConfigError, SiteDataError, SiteNotReady
 from fedcare.model import build_model
 from fedcare.readiness import run_problems
+from fedcare_ops.federation import preflight
 from tests.unit.test_client_app import context, request, weights
 
 ULTRASOUND = Path(get_testdata_file("examples_ybr_color.dcm"))
@@ -157,3 +158,14 @@ def test_nifti_samples_carry_their_channels(tmp_path: Path, input_mode: str, sha
 def test_channels_a_task_cannot_read_are_refused_at_run_start(run: dict, named: str) -> None:
     problems = run_problems(RunConfig.from_mapping(run))
     assert any(named in p and "in-channels" in p for p in problems), problems
+
+
+def test_a_run_of_nifti_sites_is_not_checked_as_dicom_before_it_starts(tmp_path: Path) -> None:
+    for name in ("site-0", "site-1"):
+        (tmp_path / name).mkdir()
+        _write_two_channel(tmp_path / name / "mr.nii.gz")
+        (tmp_path / name / "labels.csv").write_text("image,label\nmr.nii.gz,1\n")
+        (tmp_path / name / "site.toml").write_text("budget-epsilon = 8.0\n")
+    config = RunConfig.from_mapping({"data-format": "nifti", "input-mode": "3d", "in-channels": 2,
+                                     "data-root": str(tmp_path), "sites-dir": str(tmp_path / "state")})
+    assert preflight(config, 2) == []  # each site's ClientApp checks its volumes and counts itself
