@@ -24,7 +24,7 @@ from .index import site_files
 from .labels import FILE_KEYS, LABELS_FILENAME, Manifest, read_manifest
 from .transforms import Preprocess
 
-__all__ = ["NIFTI_SUFFIXES", "is_nifti", "read_nifti", "load_nifti_site", "nifti_manifest"]
+__all__ = ["NIFTI_SUFFIXES", "is_nifti", "read_nifti", "load_nifti_site", "nifti_files", "nifti_manifest"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -67,6 +67,11 @@ def nifti_manifest(folder: Path, labels_csv: Path | None = None, classes: tuple[
     return read_manifest(path, allowed=FILE_KEYS, classes=classes)
 
 
+def nifti_files(folder: Path, manifest: Manifest | None) -> list[Path]:
+    """The NIfTI files under `folder`, the manifest itself left out."""
+    return [p for p in site_files(folder, (manifest.path,) if manifest else ()) if is_nifti(p)]
+
+
 def _match(manifest: Manifest, relative: str, names: dict[str, int]) -> str | None:
     """The manifest key naming this file: its relative path, or its bare name when unique."""
     if relative in manifest.labels:
@@ -82,13 +87,15 @@ def load_nifti_site(
     input_mode: str = "3d",
     preprocess: Preprocess | None = None,
     cache_dir: Path | None = None,
+    strict: bool = True,
 ) -> SiteImages:
-    """Labelled NIfTI volumes (3d) or their slices (2d) of a folder; manifest rows without a file are an error."""
+    """Labelled NIfTI volumes (3d) or their slices (2d) of a folder; with `strict`, manifest rows without
+    a readable file are an error (else they are listed in `missing`)."""
     folder = require_folder(folder)
     if input_mode not in INPUT_MODES:
         raise SiteDataError(f"input-mode {input_mode!r} must be one of {', '.join(INPUT_MODES)}")
     cache = DecodeCache(cache_dir) if cache_dir is not None and preprocess is not None else None
-    files = [p for p in site_files(folder, (manifest.path,)) if is_nifti(p)]
+    files = nifti_files(folder, manifest)
     names: dict[str, int] = {}
     for p in files:
         names[p.name] = names.get(p.name, 0) + 1
@@ -117,7 +124,7 @@ def load_nifti_site(
     site.labels = np.asarray(labels, dtype=np.int64)
     site.skipped = list(site.failures)
     site.missing = [value for value in manifest.labels if value not in site.matched]
-    if site.missing:
+    if site.missing and strict:
         raise SiteDataError(
             f"{len(site.missing)} labelled file(s) in {manifest.path} have no readable NIfTI image under {folder} "
             f"({manifest.describe(site.missing)}{site.commonest_failure()}): restore those files or remove their rows "

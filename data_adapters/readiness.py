@@ -28,6 +28,8 @@ from .dicom import SiteImages, load_site
 from .headers import MEDIA_DIRECTORY, InstanceHeader
 from .index import DUPLICATE
 from .labels import LABELS_FILENAME, Manifest, read_manifest
+from .nifti import load_nifti_site, nifti_files, nifti_manifest
+from .transforms import Preprocess
 
 __all__ = ["SiteCheck", "check_site", "privacy_estimate"]
 
@@ -163,52 +165,31 @@ def check_site(
     apply the readiness rules of fedcare.readiness.
 
     Settings left at None are the run config's; `policy` is the site's own (its budget-delta,
-    val-fraction, accountant and privacy unit decide the estimate). The images are preprocessed as training would (window, image size), so
-    `cache_dir` is filled with exactly the arrays the first round will ask for.
+    val-fraction, accountant and privacy unit decide the estimate). The images are preprocessed as
+    training would (window, image size, channels), so `cache_dir` is filled with exactly the arrays
+    the first round will ask for. The run config's data-format says whether the folder holds DICOM or NIfTI.
     """
-    from .transforms import Preprocess
-
     config = config or RunConfig()
-    label_key = label_key if label_key is not None else (config.label_key or None)
     input_mode = input_mode or config.input_mode
-    irregular = irregular or config.irregular_series
     window = window if window is not None else config.window
     problems: list[str] = []
     warnings: list[str] = []
-    channels = config.in_channels
-    manifest = _manifest(Path(folder), labels, label_key, policy.patient_key, config.class_names, problems)
-    # File-level counts come from decoding every file as 2D images; in 3D mode the labels are
-    # then joined to series volumes in a second pass.
-    files = load_site(folder, manifest if input_mode == "2d" else None, decode_all=True, strict=False,
-                      preprocess=Preprocess(window, config.image_size, channels=channels), cache_dir=cache_dir)
-    site = files if input_mode == "2d" else load_site(
-        folder, manifest, input_mode="3d", irregular=irregular, cache_dir=cache_dir, strict=False,
-        preprocess=Preprocess(window, config.image_size, volume=True, channels=channels),
-    )
-    index = files.index
-    assert index is not None
-    left_out = index.skipped + [(path, MEDIA_DIRECTORY) for path in index.directories] + files.failures
-    unreadable = [{"path": path, "reason": reason} for path, reason in left_out]
-    not_instances = sum(1 for path, reason in left_out if reason.startswith(_NOT_AN_INSTANCE))
-    report: dict[str, Any] = {
-        "folder": str(folder),
-        "files": index.files,
-        "dicom_instances": index.files - not_instances - len(index.duplicates),
-        "series": len(index.series()),
-        "series_by_modality": _series_groups(index.instances),
-        "images_readable": len(files.readable),
-        "frames_readable": int(sum(files.readable.values())),
+    if config.data_format == "nifti":
+        site, manifest, report = _nifti_files(Path(folder), labels, config, input_mode, window, cache_dir, problems)
+    else:
+        label_key = label_key if label_key is not None else (config.label_key or None)
+        manifest = _manifest(Path(folder), labels, label_key, policy.patient_key, config.class_names, problems)
+        site, report = _dicom_files(Path(folder), manifest, config, input_mode, irregular or config.irregular_series,
+                                    window, cache_dir)
+    report |= {
         "input_mode": input_mode,
         "label_manifest": str(manifest.path) if manifest else None,
         "label_key": manifest.key if manifest else None,
         **_label_summary(site, manifest, config, policy, problems, warnings),
-        "unreadable": unreadable,
-        "duplicates": [{"path": h.path, "reason": DUPLICATE} for h in index.duplicates if h.path in files.readable],
-        "excluded_series": [{"path": p, "reason": r} for p, r in site.excluded],
-        "identifying": _identifying(index.instances),
     }
-    if not files.readable:
-        problems.append("no readable DICOM image in the folder")
+    if not report["images_readable"]:
+        kind = "NIfTI" if config.data_format == "nifti" else "DICOM"
+        problems.append(f"no readable {kind} image in the folder{site.commonest_failure()}")
     try:
         units = report["num_train_patients"] if policy.privacy_unit == PATIENT else report["num_train"]
         report["privacy"] = privacy_estimate(units, config, policy) if manifest else {"dp": config.dp}
@@ -221,3 +202,57 @@ def check_site(
     report["problems"] = problems
     report["ready"] = not problems
     return SiteCheck(report)
+
+
+def _dicom_files(folder: Path, manifest: Manifest | None, config: RunConfig, input_mode: str, irregular: str,
+                 window: str | tuple[float, float], cache_dir: Path | None) -> tuple[SiteImages, dict[str, Any]]:
+    """A DICOM folder's labelled samples and what its files hold: series, left-out files, identifying tags."""
+    channels = config.in_channels
+    # File-level counts come from decoding every file as 2D images; in 3D mode the labels are
+    # then joined to series volumes in a second pass.
+    files = load_site(folder, manifest if input_mode == "2d" else None, decode_all=True, strict=False,
+                      preprocess=Preprocess(window, config.image_size, channels=channels), cache_dir=cache_dir)
+    site = files if input_mode == "2d" else load_site(
+        folder, manifest, input_mode="3d", irregular=irregular, cache_dir=cache_dir, strict=False,
+        preprocess=Preprocess(window, config.image_size, volume=True, channels=channels),
+    )
+    index = files.index
+    assert index is not None
+    left_out = index.skipped + [(path, MEDIA_DIRECTORY) for path in index.directories] + files.failures
+    not_instances = sum(1 for path, reason in left_out if reason.startswith(_NOT_AN_INSTANCE))
+    return site, {
+        "folder": str(folder),
+        "files": index.files,
+        "dicom_instances": index.files - not_instances - len(index.duplicates),
+        "series": len(index.series()),
+        "series_by_modality": _series_groups(index.instances),
+        "images_readable": len(files.readable),
+        "frames_readable": int(sum(files.readable.values())),
+        "unreadable": [{"path": path, "reason": reason} for path, reason in left_out],
+        "duplicates": [{"path": h.path, "reason": DUPLICATE} for h in index.duplicates if h.path in files.readable],
+        "excluded_series": [{"path": p, "reason": r} for p, r in site.excluded],
+        "identifying": _identifying(index.instances),
+    }
+
+
+def _nifti_files(folder: Path, labels: Path | None, config: RunConfig, input_mode: str,
+                 window: str | tuple[float, float], cache_dir: Path | None,
+                 problems: list[str]) -> tuple[SiteImages, Manifest | None, dict[str, Any]]:
+    """A NIfTI folder's labelled samples and what its files hold (NIfTI headers carry no patient tags)."""
+    manifest = None
+    try:
+        manifest = nifti_manifest(folder, labels, config.class_names)
+    except FedcareError as err:
+        problems.append(str(err))
+    preprocess = Preprocess(window, config.image_size, volume=input_mode == "3d", channels=config.in_channels)
+    site = (load_nifti_site(folder, manifest, input_mode=input_mode, preprocess=preprocess, cache_dir=cache_dir,
+                            strict=False) if manifest is not None else SiteImages())
+    return site, manifest, {
+        "folder": str(folder),
+        "files": len(nifti_files(folder, manifest)),
+        "dicom_instances": 0, "series": 0, "series_by_modality": [],
+        "images_readable": len(site.readable),
+        "frames_readable": int(sum(site.readable.values())),
+        "unreadable": [{"path": path, "reason": reason} for path, reason in site.failures],
+        "duplicates": [], "excluded_series": [], "identifying": [],
+    }

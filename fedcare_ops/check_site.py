@@ -27,7 +27,8 @@ _SHOWN_UNREADABLE = 40
 
 
 def check_site_command(
-    path: Path = typer.Argument(..., exists=True, file_okay=False, help="The site's DICOM folder."),
+    path: Path = typer.Argument(..., exists=True, file_okay=False,
+                                help="The site's image folder: DICOM, or NIfTI when --config says data-format = \"nifti\"."),
     labels: Optional[Path] = typer.Option(None, "--labels", exists=True, dir_okay=False,
                                           help="Label manifest CSV (default: labels.csv in the folder)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False,
@@ -106,10 +107,11 @@ def show_report(report: dict[str, Any], console: Console) -> None:
     ]:
         overview.add_row(name, _fmt(value))
     console.print(overview)
-    series = Table("modality", "manufacturer", "series", "instances", title="Series by modality and manufacturer")
-    for row in report["series_by_modality"]:
-        series.add_row(row["modality"], row["manufacturer"], str(row["series"]), str(row["instances"]))
-    console.print(series)
+    if report["series_by_modality"]:  # DICOM only: NIfTI files carry no series
+        series = Table("modality", "manufacturer", "series", "instances", title="Series by modality and manufacturer")
+        for row in report["series_by_modality"]:
+            series.add_row(row["modality"], row["manufacturer"], str(row["series"]), str(row["instances"]))
+        console.print(series)
     _show_paths(console, "Files left out", report["unreadable"])
     _show_paths(console, "Series left out (irregular geometry)", report["excluded_series"])
     if report["identifying"]:

@@ -79,8 +79,8 @@ def app_defaults(project: Path) -> dict[str, Any]:
 def preflight(config: RunConfig, sites: int) -> list[str]:
     """Every problem of the run and of each simulated site, one line each; [] when all are ready.
 
-    Classification sites of DICOM get the whole site check (and fill their decode cache for round
-    one); segmentation and NIfTI sites are checked by their ClientApp when the run reaches them.
+    Classification sites get the whole site check (and fill their decode cache for round one);
+    segmentation sites are checked by their ClientApp when the run reaches them.
     """
     named = parse_site_folders(config.site_folders)
     if named and len(named) != sites:
@@ -92,7 +92,7 @@ def preflight(config: RunConfig, sites: int) -> list[str]:
             hint = ("write demo sites with `fedcare demo-data --out DATA-ROOT --sites N`, set data-root to a folder "
                     "holding site-0 ... site-N-1, or name each site's folder with --site NAME=PATH")
             problems.append(f"{name}: data folder {folder} does not exist: {hint}")
-        elif config.task == "classification" and config.data_format == "dicom":
+        elif config.task == "classification":
             problems += [f"{name}: {line}" for line in _site_check(config, partition)]
     return problems
 

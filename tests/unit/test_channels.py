@@ -13,16 +13,16 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from flwr.app import ArrayRecord
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-
-from flwr.app import ArrayRecord
 
 from client_app.app import train
 from data_adapters.dataset import site_datasets
 from data_adapters.decode import read_file
 from data_adapters.headers import Unusable
 from data_adapters.nifti import load_nifti_site, nifti_manifest, read_nifti
+from data_adapters.readiness import check_site
 from data_adapters.split import SeededSplit
 from data_adapters.transforms import Preprocess
 from fedcare.config import RunConfig
@@ -160,12 +160,19 @@ def test_channels_a_task_cannot_read_are_refused_at_run_start(run: dict, named: 
     assert any(named in p and "in-channels" in p for p in problems), problems
 
 
-def test_a_run_of_nifti_sites_is_not_checked_as_dicom_before_it_starts(tmp_path: Path) -> None:
+def test_nifti_sites_are_checked_before_a_run_starts_with_their_channels(tmp_path: Path) -> None:
     for name in ("site-0", "site-1"):
         (tmp_path / name).mkdir()
-        _write_two_channel(tmp_path / name / "mr.nii.gz")
-        (tmp_path / name / "labels.csv").write_text("image,label\nmr.nii.gz,1\n")
-        (tmp_path / name / "site.toml").write_text("budget-epsilon = 8.0\n")
-    config = RunConfig.from_mapping({"data-format": "nifti", "input-mode": "3d", "in-channels": 2,
-                                     "data-root": str(tmp_path), "sites-dir": str(tmp_path / "state")})
-    assert preflight(config, 2) == []  # each site's ClientApp checks its volumes and counts itself
+        for case in range(6):
+            _write_two_channel(tmp_path / name / f"mr{case}.nii.gz")
+        rows = "".join(f"mr{case}.nii.gz,{case % 2}\n" for case in range(6))
+        (tmp_path / name / "labels.csv").write_text("image,label\n" + rows)
+        (tmp_path / name / "site.toml").write_text('budget-epsilon = 8.0\nprivacy-unit = "image"\n')
+    run = {"data-format": "nifti", "input-mode": "3d", "image-size": 16, "data-root": str(tmp_path),
+           "sites-dir": str(tmp_path / "state")}
+    assert preflight(RunConfig.from_mapping(run | {"in-channels": 2}), 2) == []
+    checked = check_site(tmp_path / "site-0", config=RunConfig.from_mapping(run | {"in-channels": 2}))
+    assert checked.ready and checked.report["images_readable"] == 6 and checked.report["num_train"] + checked.report["num_val"] == 6
+    problems = preflight(RunConfig.from_mapping(run), 2)
+    assert "site-0: no readable NIfTI image in the folder, most often: cannot read NIfTI: 2 channel(s), where the " \
+           "run's in-channels is 1" in "\n".join(problems)
