@@ -44,7 +44,7 @@ def test_make_deploy_local_runs_two_sites_for_two_rounds_and_leaves_nothing_runn
 
 
 def test_site_killed_mid_run_rejoins_and_keeps_its_ledger(deployment):
-    root, outcome = deployment.root, deployment.of("site-kill")
+    outcome = deployment.of("site-kill")
     assert outcome["new_at_kill"], "site-1 never trained before the kill"
     assert outcome["killed_left"] == []
     folder = outcome["folder"]
@@ -70,7 +70,7 @@ def test_site_killed_mid_run_rejoins_and_keeps_its_ledger(deployment):
 
 
 def test_a_run_resumed_after_its_coordinator_was_killed_explains_every_charge(deployment):
-    root, out = deployment.root, deployment.of("resume")
+    out = deployment.of("resume")
     assert out["first_ended"] and isinstance(out["first"], str)  # the killed run published no folder
     folder = out["resumed"]
     assert isinstance(folder, Path), folder
@@ -80,8 +80,7 @@ def test_a_run_resumed_after_its_coordinator_was_killed_explains_every_charge(de
     for site in SITES:
         # The killed run's charges and the resumed run's: each one a row of the report, in order,
         # with the site's own cumulative epsilon; a round trained twice (killed mid-round) says so.
-        charged = [e for e in Ledger(root / "sites" / site / "ledger.jsonl").entries()
-                   if e.run_id in (out["run_id"], folder.name) and e.private]
+        charged = [e for e in out["ledgers"][site] if e.run_id in (out["run_id"], folder.name) and e.private]
         rows = report["sites"][site]["rounds"]
         assert [row["round"] for row in rows] == [e.round for e in charged], (rows, charged)
         assert [row["epsilon"] for row in rows] == pytest.approx([e.epsilon for e in charged])
@@ -93,7 +92,8 @@ def test_a_run_resumed_after_its_coordinator_was_killed_explains_every_charge(de
 def test_unregistered_and_plaintext_supernodes_are_refused(deployment):
     root = deployment.root
     # They tried while every run of the deployment went on: none let them in.
-    runs = [*(deployment.of("gated")[key] for key in "ABC"), deployment.of("site-kill")["folder"],
+    runs = [deployment.of("approved")["A"], *(deployment.of("gated")[key] for key in "BC"),
+            deployment.of("site-kill")["folder"],
             deployment.of("resume")["resumed"], deployment.of("revoked")["D"]]
     for folder in runs:
         for item in json.loads((folder / "metrics.json").read_text())["rounds"]:
