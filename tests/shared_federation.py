@@ -163,7 +163,8 @@ def gated_runs(federation: LocalFederation, no_mod: Path, changed: Path) -> dict
 def kill_site_mid_run(root: Path, federation: LocalFederation, held: Path) -> dict[str, Any]:
     """The held release for 3 rounds; site-1 killed once its ledger recorded round 1, then restarted."""
     ledger = Ledger(federation.site_state("site-1") / "ledger.jsonl")
-    earlier = len(ledger.entries())  # phase "gated" trained here already
+    earlier = len(ledger.entries())  # phase "approved" trained here already
+    stream, start = federation.logs / "flwr-run.log", (federation.logs / "flwr-run.log").stat().st_size
     out: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: out.update(
         # min-sites 1: the round in which site-1 is killed goes on with site-0 alone.
@@ -177,8 +178,12 @@ def kill_site_mid_run(root: Path, federation: LocalFederation, held: Path) -> di
     federation.processes.kill("site-1")
     out["killed_left"] = [p for p in federation.processes.pids()
                           if f"{federation.processes.tag}/site-1\0".encode() in environ(p)]
-    # What Docker's `restart: unless-stopped` does: start the site again whenever it exits. Until
-    # the SuperLink sees the killed node's heartbeat lapse it refuses a second activation.
+    # A site started again at once is let in again the moment its heartbeat lapses, and if that comes
+    # before the ServerApp next asks for its reply, round 1 waits out its whole timeout (5 minutes)
+    # instead of failing the reply as lost: so only once round 1 moved on to evaluation does the site
+    # start again, and from then on whenever it exits, as Docker's `restart: unless-stopped` would.
+    while runner.is_alive() and "configure_evaluate" not in _read_from(stream, start):
+        runner.join(timeout=1)
     restarts = 0
     while runner.is_alive():
         process = federation.processes.started.get("site-1-restarted")
@@ -272,6 +277,12 @@ def environ(pid: int) -> bytes:
         return (Path("/proc") / str(pid) / "environ").read_bytes() + b"\0"
     except OSError:
         return b""
+
+
+def _read_from(path: Path, offset: int) -> str:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read().decode(errors="replace")
 
 
 def _count_runs(federation: LocalFederation) -> Callable[[], int]:
