@@ -1,14 +1,14 @@
 """End to end on real processes: a site runs only the app bundle its operator approved, only the
 coordinator's operator reaches the control API, and a node cannot speak for another site.
 
-ONE federation on loopback (coordinator, three registered sites through the image's entry point)
-carries every case, one run after another:
+The shared deployment (tests/shared_federation.py: a coordinator and registered sites through the
+image's entry point) carries every case, one run after another:
 
   A  the project as approved at every site: trains to completion; "site-2" runs with its own
      registered key but claims to be site-0, and is filed and flagged as site-2;
-  B  site-1's ledger restored from a backup older than A (started anew by its operator), and a
-     release without the bundle's egress mod (approved): trains, the gate still logs every reply,
-     site-1's shrunk history is flagged;
+  B  (after the deployment's site-kill and resume runs) site-1's ledger restored from a backup older
+     than A (started anew by its operator), and a release without the bundle's egress mod
+     (approved): trains, the gate still logs every reply, site-1's shrunk history is flagged;
   C  the project with one changed line in client_app/app.py (it would write a file): every site
      refuses it, the changed line never runs;
   D  the approved project again after the sites revoked it: refused.
@@ -17,26 +17,15 @@ Then, with the federation still up, a site's attempts at the control API through
 """
 
 import json
-import ssl
 import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
-from fedcare_ops.demo_data import write_demo_sites
-from fedcare_ops.deploy.approvals import app_digest
-from fedcare_ops.deploy.local import LocalFederation, check_run
-from fedcare_ops.deploy.register import flwr_env, write_connection
-from tests.deploy_helpers import copy_project, processes_mentioning
+from fedcare_ops.deploy.local import check_run
+from tests.shared_federation import FEDCARE, IMPOSTOR, SITES, Deployment, site_cli
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-SITES = ["site-0", "site-1"]
-IMPOSTOR = "site-2"  # registered with its own key, claims to be site-0
-FEDCARE = str(Path(sys.executable).with_name("fedcare"))
-FLWR = str(Path(sys.executable).with_name("flwr"))
 
 
 def egress(root: Path, site: str, run_folder: Path) -> list[dict]:
@@ -44,66 +33,10 @@ def egress(root: Path, site: str, run_folder: Path) -> list[dict]:
     return [entry for entry in map(json.loads, lines) if entry["run"] == run_folder.name]
 
 
-def site_cli(*args: str, state: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([FEDCARE, "site", *args, "--state", str(state)], capture_output=True, text=True, timeout=60)
-
-
-def flwr(home: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([FLWR, *args], env=flwr_env(home), capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def gated(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gated")
-    write_demo_sites(root / "data", sites=3, seed=11, cases=[40, 50, 40])
-    marker = root / "the-changed-line-ran"
-    no_mod = copy_project(root / "release-no-mod", "app = ClientApp(mods=[site_guard, egress_log])",
-                          "app = ClientApp(mods=[site_guard])  # no egress mod in this release: the gate logs anyway")
-    changed = copy_project(root / "changed", '''    """One round of local training, if the site's policy allows what the run asks."""\n''',
-                           f'''    """One round of local training."""\n    Path({str(marker)!r}).write_text("ran")\n''')
-    out: dict = {"marker": marker, "digest": app_digest(ROOT), "no_mod_digest": app_digest(no_mod),
-                 "changed_digest": app_digest(changed)}
-    with LocalFederation(root, ROOT) as federation:
-        federation.make_credentials(SITES + [IMPOSTOR])
-        federation.start_coordinator()
-        out["node_ids"] = federation.register(SITES + [IMPOSTOR])
-        impostor_state = federation.site_state(IMPOSTOR)
-        for site in SITES + [IMPOSTOR]:
-            for project in (ROOT, no_mod):
-                federation.approve(site, project, note=f"reviewed {project.name}")
-        for site in SITES:
-            federation.start_site(site, root / "data" / site)
-        federation.start_site("site-0", root / "data" / IMPOSTOR, tls=root / "credentials" / "sites" / IMPOSTOR,
-                              state=impostor_state, log_name=IMPOSTOR)
-        federation.wait_until_connected(SITES + [IMPOSTOR])
-        settings = {"min-sites": 2, "round-timeout": 240.0}
-
-        out["A"] = federation.run(2, settings)
-        for name in ("ledger.jsonl", "ledger.head.json"):  # the "backup" predates run A: no ledger yet
-            (federation.site_state("site-1") / name).unlink()
-        # The site refuses to train on a vanished ledger until its operator starts one on purpose.
-        restored = subprocess.run([FEDCARE, "ledger-init", str(federation.site_state("site-1")), "--lost"],
-                                  capture_output=True, text=True, timeout=60)
-        assert restored.returncode == 0, restored.stderr
-        out["B"] = federation.run(1, settings, project=no_mod)
-        # C and D stop at round 1 (every site refuses): no need to follow their logs to the end.
-        out["C"] = federation.run(1, settings, project=changed, stream=False)
-        out["revoked"] = [site_cli("revoke", out["digest"], state=federation.site_state(s)) for s in SITES]
-        out["D"] = federation.run(1, settings, stream=False)
-        out["control"] = control_attempts(root, federation)
-    out["left_running"] = processes_mentioning(str(root))
-    return root, out
-
-
-def control_attempts(root: Path, federation: LocalFederation) -> dict:
-    """A site's FLWR_HOME: only the public ca.crt, and the Fleet port it connects to."""
-    home = root / "site-flwr-home"
-    write_connection(home, federation.address, root / "credentials" / "sites" / "site-0" / "ca.crt")
-    runtime = httpx.post(f"https://127.0.0.1:{federation.port}/v1/runtime/acquire-task", content=b"",
-                         verify=ssl.create_default_context(cafile=str(root / "credentials" / "ca" / "ca.crt")))
-    return {"ls": flwr(home, "ls", "fedcare"), "run": flwr(home, "run", str(ROOT), "fedcare"),
-            "register": flwr(home, "supernode", "list", "fedcare"), "runtime": runtime.status_code,
-            "operator_ls": flwr(federation.home, "ls", "fedcare", "--format", "json")}
+def site_logs(root: Path, site: str) -> str:
+    """Everything the site logged, before and after the deployment's restart of site-1."""
+    return "".join(log.read_text() for log in (root / "logs" / f"{site}.log", root / "logs" / f"{site}-restarted.log")
+                   if log.exists())
 
 
 def sites_of(folder: Path, round_number: int = 1) -> dict:
@@ -111,17 +44,35 @@ def sites_of(folder: Path, round_number: int = 1) -> dict:
     return next(item for item in metrics["rounds"] if item["round"] == round_number)["sites"]
 
 
+class Runs:
+    """The deployment's runs A to D and the apps' digests by name; a key of a phase that failed fails
+    the test that reads it, and only that test."""
+
+    PHASE_OF = {"A": "approved", "logs": "approved", "B": "gated", "C": "gated", "revoked": "revoked", "D": "revoked"}
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+
+    def __getitem__(self, key: str):
+        return self.deployment.of(self.PHASE_OF.get(key, "apps"))[key]
+
+
+@pytest.fixture
+def gated(deployment: Deployment) -> tuple[Path, Runs]:
+    return deployment.root, Runs(deployment)
+
+
 def test_an_approved_app_trains_to_completion_at_every_site(gated):
     root, out = gated
-    check_run(out["A"], SITES, 2)
+    check_run(out["A"], SITES, 1)
     for site in SITES:
-        assert sites_of(out["A"], 2)[site]["train_status"] == "ok"
-        log = (root / "logs" / f"{site}.log").read_text()
-        # Every task of A (2 rounds, train and evaluate) and of B went through the gate, none through
-        # Flower's own flwr-clientapp.
-        assert log.count(f"runs approved app {out['digest']}") == 4
-        assert log.count(f"runs approved app {out['no_mod_digest']}") == 2
-        assert "Start `flwr-clientapp` process" not in log
+        assert sites_of(out["A"])[site]["train_status"] == "ok"
+        # Every task of A (train and evaluate) and of B went through the gate, none through Flower's
+        # own flwr-clientapp (nor did any task of the deployment's other runs).
+        assert out["logs"][site].count(f"runs approved app {out['digest']}") == 2
+        assert site_logs(root, site).count(f"runs approved app {out['no_mod_digest']}") == 2
+    for log in (root / "logs").glob("site-*.log"):
+        assert "Start `flwr-clientapp` process" not in log.read_text(), log
 
 
 def test_a_node_claiming_another_sites_name_is_filed_under_its_registered_key(gated):
@@ -151,7 +102,7 @@ def test_the_egress_log_is_written_by_the_gate_once_per_reply_even_without_the_b
     root, out = gated
     for site in SITES:
         in_a = egress(root, site, out["A"])
-        assert sorted(e["type"] for e in in_a) == ["evaluate"] * 2 + ["train"] * 2  # once each, not twice
+        assert sorted(e["type"] for e in in_a) == ["evaluate", "train"]  # once each, not twice
         in_b = egress(root, site, out["B"])  # a release whose bundle has no egress mod at all
         assert sorted(e["type"] for e in in_b) == ["evaluate", "train"]
         assert all(e["arrays"] for e in in_b if e["type"] == "train")
@@ -170,7 +121,7 @@ def test_a_changed_app_is_refused_by_every_site_and_its_changed_line_never_runs(
     for site in SITES:
         assert sites[site]["train_status"] == "refused"
         assert sites[site]["train_error"] == f"{site}: app not approved by this site: digest {out['changed_digest']}"
-        assert out["changed_digest"] in (root / "logs" / f"{site}.log").read_text()  # the site logs the digest
+        assert out["changed_digest"] in site_logs(root, site)  # the site logs the digest
         installed = [p.name for p in (root / "sites" / site / "flwr-home" / "apps").iterdir()]
         assert not any(name.endswith(out["changed_digest"][:8]) for name in installed)
     assert not out["marker"].exists()
@@ -188,18 +139,17 @@ def test_revoking_a_digest_refuses_the_next_run(gated):
         assert "revoked" in listed.stdout and listed.returncode == 0
 
 
-def test_a_site_cannot_list_or_submit_runs_through_the_fleet_port(gated):
-    _, out = gated
-    control = out["control"]
+def test_a_site_cannot_list_or_submit_runs_through_the_fleet_port(deployment):
+    control = deployment.of("control")
     for attempt in ("ls", "run", "register"):
         assert control[attempt].returncode != 0, control[attempt].stdout + control[attempt].stderr
     assert control["runtime"] == 403  # nor the ServerApp's Runtime API
-    # The operator's own connection (loopback control port) sees exactly the four runs, none from the site.
+    # The operator's own connection (loopback control port) sees exactly the runs the operator
+    # submitted (the deployment's seven), none from the site.
     operator = control["operator_ls"]
     runs = json.loads(operator.stdout[operator.stdout.index("{"):])["runs"]
-    assert operator.returncode == 0 and len(runs) == 4
+    assert operator.returncode == 0 and len(runs) == control["submitted"] == 7
 
 
-def test_no_process_of_the_gated_federation_outlives_it(gated):
-    _, out = gated
-    assert out["left_running"] == []
+def test_no_process_of_the_gated_federation_outlives_it(deployment):
+    assert deployment.left_running == []
