@@ -4,14 +4,17 @@ coordinator's filing of replies by registered key, its memory of each site's pri
 which paths the public Fleet port lets through."""
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
+from flwr.cli.build import build_fab_from_disk
 from flwr.superlink.routers.control import router as control_router
 from flwr.superlink.routers.fleet.router import router as fleet_router
 
@@ -24,7 +27,7 @@ from fedcare.errors import APP_REFUSED_CODE, FedcareError
 from server_app.history_check import check_histories
 from server_app.recording import RoundLog
 from tests.cli_checks import one_line_error
-from tests.deploy_helpers import copy_project
+from tests.deploy_helpers import ROOT, copy_project
 
 FEDCARE = str(Path(sys.executable).with_name("fedcare"))
 DIGEST = "ab" * 32
@@ -56,6 +59,18 @@ def test_digest_is_the_hash_of_the_bundle_flwr_build_writes(project, tmp_path):
 def test_one_changed_line_changes_the_digest(project, tmp_path):
     changed = copy_project(tmp_path / "changed", "app = ClientApp(", "app = ClientApp(  # reviewed?\n    ")
     assert app_digest(changed) != app_digest(project)
+
+
+def test_the_bundle_holds_the_apps_and_their_library_only(project, tmp_path):
+    """What a site approves is the code it runs: tests, tooling and docs beside it change nothing."""
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist()
+    assert {name.split("/")[0] for name in names} == {".info", "pyproject.toml", "client_app", "server_app", "fedcare",
+                                                       "data_adapters"}
+    beside = copy_project(tmp_path / "beside")
+    for name in ("tests/test_x.py", "tests/helpers.py", "fedcare_ops/cli.py", "docs/guide.md", "configs/x.toml"):
+        (beside / name).parent.mkdir(parents=True, exist_ok=True)
+        (beside / name).write_text("x = 1\n")
+    assert app_digest(beside) == app_digest(project)
 
 
 def test_digest_of_a_folder_without_an_app_is_one_line(tmp_path):
