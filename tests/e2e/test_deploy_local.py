@@ -22,7 +22,8 @@ from server_app.reconcile import LOST, TWICE
 from tests.deploy_helpers import processes_mentioning
 from tests.shared_federation import SITES
 
-pytestmark = pytest.mark.slow
+# One deployment serves both files (tests/e2e/conftest.py): under xdist they run on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployment")]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -25,7 +25,8 @@ import pytest
 from fedcare_ops.deploy.local import check_run
 from tests.shared_federation import FEDCARE, IMPOSTOR, SITES, Deployment, site_cli
 
-pytestmark = pytest.mark.slow
+# One deployment serves both files (tests/e2e/conftest.py): under xdist they run on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployment")]
 
 
 def egress(root: Path, site: str, run_folder: Path) -> list[dict]:
