@@ -59,10 +59,11 @@ deploy-local: setup
 	$(BIN)/fedcare deploy local --sites 2 --rounds 2 --out outputs/deploy-local
 
 # Two workers: an end-to-end test mostly waits (Flower's polling, heartbeats, process start-up), so
-# two of them share two cores well. The deployment tests share one deployment, on one worker.
+# two of them share two cores well. Each test file runs on one worker, so a module's shared
+# federation starts once; the deployment's file (the longest) starts first.
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

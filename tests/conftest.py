@@ -63,3 +63,9 @@ def demo_site_copy(demo_site: Path, tmp_path: Path) -> Path:
     for parent, folders, _ in os.walk(copy):  # copytree copies the folders' read-only modes
         Path(parent).chmod(Path(parent).stat().st_mode | stat.S_IWUSR)
     return copy
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The deployment's module first: under `make test` it is the longest file on one worker, and two
+    workers finish together only when the longest work starts first."""
+    items.sort(key=lambda item: item.get_closest_marker("deployment") is None)

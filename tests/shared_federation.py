@@ -1,7 +1,7 @@
-"""ONE real deployment on loopback for the deployment tests (tests/e2e/test_site_gate.py and
-test_deploy_local.py): a TLS, key-authenticated coordinator and gated sites through the image's entry
-point, started once because starting and stopping one costs minutes on two cores. Its phases run one
-after another on the same processes, each recording what the tests then check:
+"""ONE real deployment on loopback for the deployment tests (tests/e2e/test_deployment.py): a TLS,
+key-authenticated coordinator and gated sites through the image's entry point, started once because
+starting and stopping one costs minutes on two cores. Its phases run one after another on the same
+processes, each recording what the tests then check:
 
   approved   A: the project as approved at every site (1 round), while "site-2", registered with
              its own key, claims to be site-0; an unregistered key and a plaintext SuperNode try
