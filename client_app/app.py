@@ -23,9 +23,9 @@ from data_adapters import SiteDatasets, StoredSplit
 from fedcare.config import RunConfig
 from fedcare.device import cpu_state, model_device, release, resolve_device
 from fedcare.egress import count_replies
-from fedcare.errors import ConfigError, NetworkTooLarge, StateError
+from fedcare.errors import ConfigError, RunTooLarge, StateError
 from fedcare.logs import one_line_per_record
-from fedcare.model import build_model, network_parameters
+from fedcare.model import build_model, network_parameters, sample_voxels
 from fedcare.privacy.dpsgd import RoundPlan, plan_release_without_dp, plan_round, record_round, train_private
 from fedcare.privacy.ledger import Ledger, LedgerEntry, private_history
 from fedcare.privacy.randomness import reseed_global
@@ -60,9 +60,9 @@ def start(msg: Message, context: Context) -> Work:
     site = site_from_node_config(context.node_config, config)
     device = resolve_device(site.device)
     open_state(site)
-    too_large = site.policy.network_refusal(network_parameters(config))  # before anything is allocated
+    too_large = site.policy.size_refusal(network_parameters(config), sample_voxels(config))  # nothing allocated yet
     if too_large:
-        raise NetworkTooLarge(f"{site.name}: {too_large}")
+        raise RunTooLarge(f"{site.name}: {too_large}")
     model = build_model(config)
     load_global_model(model, msg)
     model.to(device)

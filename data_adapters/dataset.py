@@ -97,7 +97,7 @@ class SiteDatasets:
     skipped: int
     unlabelled: int
     class_counts: dict[int, int] = field(default_factory=dict)
-    excluded: int = 0  # 3D series left out for irregular geometry
+    excluded: int = 0  # 3D series left out: irregular geometry, or over the site's max-sample-voxels
     train_per_class: dict[int, int] = field(default_factory=dict)  # classification only
     val_per_class: dict[int, int] = field(default_factory=dict)
     train_units: list[str] = field(default_factory=list)  # whose each training sample is (stays on the site)

@@ -18,6 +18,7 @@ by whether a series holds a lesion; volumes stay in memory per process, like the
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,9 @@ from .segmentation import SegmentedSeries, SeriesTally, no_segmented_series, seg
 from .transforms import Window, apply_window, parse_window
 from .volumes import IRREGULAR_CHOICES, stack_volume
 
-__all__ = ["VolumeSite", "read_segmentation_volumes", "resample_to_spacing", "segmentation_volume_datasets",
-           "series_volume"]
+__all__ = ["VolumeSite", "read_segmentation_volumes", "resample_to_spacing", "resampled_voxels",
+           "segmentation_volume_datasets", "series_volume"]
+log = logging.getLogger("fedcare.site")  # the site's own log: it never leaves the site
 
 VoxelSpacing = tuple[float, float, float]  # mm between voxels along (D, H, W): slices, rows, columns
 _KEYS = ("image", "mask")
@@ -52,6 +54,7 @@ class VolumeSite(SeriesTally):
     masks: list[np.ndarray] = field(default_factory=list)  # [D, H, W] int64, 0 background, 1 lesion
     groups: list[str] = field(default_factory=list)  # the patient of each volume, else its SeriesInstanceUID
     excluded: int = 0  # series left out for irregular geometry
+    too_large: int = 0  # series left out: at the run's spacing they would exceed the site's max-sample-voxels
 
 
 def series_volume(series: SegmentedSeries,
@@ -69,6 +72,13 @@ def series_volume(series: SegmentedSeries,
     return volume, (lesion >= 0.5).astype(np.uint8), spacing
 
 
+def resampled_voxels(shape: tuple[int, ...], spacing: VoxelSpacing, target: VoxelSpacing) -> int:
+    """How many voxels a [D, H, W] volume of `shape` at `spacing` has once resampled to `target` (mm): the
+    grid `Spacingd` makes, from the first voxel centre to the last."""
+    extent = (np.asarray(shape[-3:], dtype=np.float64) - 1) * np.asarray(spacing) / np.asarray(target)
+    return int(np.prod(np.maximum(np.round(extent + 1.0), 1.0)))
+
+
 def resample_to_spacing(image: np.ndarray, mask: np.ndarray, spacing: VoxelSpacing,
                         target: VoxelSpacing) -> tuple[np.ndarray, np.ndarray]:
     """A [D, H, W] image (bilinear) and mask (nearest) from `spacing` to `target`, both (D, H, W) in mm."""
@@ -83,9 +93,13 @@ def resample_to_spacing(image: np.ndarray, mask: np.ndarray, spacing: VoxelSpaci
 
 def read_segmentation_volumes(
     folder: Path, window: Window = "soft-tissue", spacing: tuple[float, float, float] = (2.0, 1.0, 1.0),
-    irregular: str = "exclude",
+    irregular: str = "exclude", max_voxels: int = 0,
 ) -> VolumeSite:
-    """Decode every segmented series of `folder` into a windowed volume and lesion mask at `spacing` (z, y, x mm)."""
+    """Decode every segmented series of `folder` into a windowed volume and lesion mask at `spacing` (z, y, x mm).
+
+    A series that would have more than `max_voxels` voxels at `spacing` is left out before it is
+    resampled (0: no cap): the run config sets the spacing, and a fine one multiplies a volume's size.
+    """
     folder = require_folder(folder)
     if irregular not in IRREGULAR_CHOICES:
         raise SiteDataError(f"irregular-series {irregular!r} must be one of {', '.join(IRREGULAR_CHOICES)}")
@@ -97,10 +111,20 @@ def read_segmentation_volumes(
             site.excluded += 1
             continue
         hu, lesion, voxel = found
+        if max_voxels and resampled_voxels(hu.shape, voxel, target) > max_voxels:
+            site.too_large += 1
+            continue
         image, mask = resample_to_spacing(apply_window(hu, window), lesion, voxel, target)
         site.images.append(image)
         site.masks.append(mask)
         site.groups.append(series.unit)
+    if site.too_large:
+        log.warning("%d segmented series left out: at the run's spacing %s mm each would have more than %s voxels "
+                    "(the site's max-sample-voxels)", site.too_large, target, f"{max_voxels:,}")
+    if not site.images and site.too_large:
+        raise SiteDataError(f"data folder {folder}: at the run's spacing {target} mm every segmented series would "
+                            f"have more than {max_voxels:,} voxels (the site's max-sample-voxels): ask for a coarser "
+                            "spacing, or raise max-sample-voxels")
     if not site.images and site.excluded:
         raise SiteDataError(f"data folder {folder}: all {site.excluded} segmented series have irregular slice "
                             "geometry: set irregular-series = \"resample\" or re-export the series")
@@ -153,17 +177,19 @@ def segmentation_volume_datasets(
     spacing: tuple[float, float, float] = (2.0, 1.0, 1.0), patch_size: tuple[int, int, int] = (8, 32, 32),
     irregular: str = "exclude",
     patch_seed: int | None = None,
+    max_voxels: int = 0,
 ) -> SiteDatasets:
     """Read (or reuse, per process) a site's segmented volumes; `split` divides them by series.
 
     `spacing` (mm) and `patch_size` (voxels) are in the volume's (z, y, x) order, as the run config parses them;
-    `patch_seed` draws the training patches (a site passes none: then they come from its own entropy).
+    `patch_seed` draws the training patches (a site passes none: then they come from its own entropy);
+    `max_voxels` is the site's cap on a resampled volume (0: none).
     """
     folder = require_folder(folder)
     patch = tuple(patch_size)
-    key = (folder.resolve(), "segmentation-3d", repr(parse_window(window)), tuple(spacing), irregular)
+    key = (folder.resolve(), "segmentation-3d", repr(parse_window(window)), tuple(spacing), irregular, max_voxels)
     site = _memoised(key, folder.resolve(), folder / ".no-manifest",
-                     lambda: read_segmentation_volumes(folder, window, spacing, irregular))
+                     lambda: read_segmentation_volumes(folder, window, spacing, irregular, max_voxels))
     has_lesion = np.array([int(m.any()) for m in site.masks])
     train_idx, val_idx = split(has_lesion, site.groups)
     classes, counts = np.unique(has_lesion, return_counts=True)
@@ -173,5 +199,5 @@ def segmentation_volume_datasets(
         val=Dataset(data=val_idx.tolist(), transform=_Volumes(site)),
         num_train=len(train_idx), num_val=len(val_idx), skipped=len(site.failures),
         unlabelled=site.unsegmented, class_counts={int(c): int(n) for c, n in zip(classes, counts)},
-        excluded=site.excluded, train_units=[site.groups[i] for i in train_idx],
+        excluded=site.excluded + site.too_large, train_units=[site.groups[i] for i in train_idx],
     )

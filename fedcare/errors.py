@@ -18,10 +18,10 @@ class ConfigError(FedcareError):
     kind = "a run-config or node-config setting is wrong"
 
 
-class NetworkTooLarge(ConfigError):
-    """The run's network has more parameters than the site's policy lets it build."""
+class RunTooLarge(ConfigError):
+    """The run's network or samples are larger than the site's policy lets it build or prepare."""
 
-    kind = "the run's network is larger than this site builds (its max-model-parameters)"
+    kind = "the run's network or samples are larger than this site allows (its max-model-parameters, max-sample-voxels)"
 
 
 class SiteDataError(FedcareError):

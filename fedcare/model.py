@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import torch
 from opacus.grad_sample import GradSampleModule, wrap_model
@@ -51,6 +52,11 @@ def network_parameters(config: RunConfig) -> int:
     """How many parameters the run's network has, counted without allocating them (on the meta device)."""
     with torch.device("meta"):
         return sum(p.numel() for p in build_network(config.model, network_shape(config), config.network_args).parameters())
+
+
+def sample_voxels(config: RunConfig) -> int:
+    """How many voxels (times channels) one training sample of the run has, from the run config alone."""
+    return config.in_channels * math.prod(task_for(config).input_size(config))
 
 
 def grad_sample_mode(model: nn.Module, config: RunConfig) -> str:

@@ -32,6 +32,11 @@ POLICY_DEFAULTS: dict[str, Any] = {
     # network and its arguments, so without a cap a coordinator could have the site build one that fills
     # its memory. fedcare's largest preset network, DenseNet121, has 7 million.
     "max-model-parameters": 100_000_000,
+    # The most voxels (times channels) of one sample the site prepares: an image at the run's image-size,
+    # a volume, a 3D patch, or a whole volume resampled to the run's spacing; 0: no cap. The run config
+    # sets those sizes, so without a cap a coordinator could have the site fill its memory and its
+    # decode cache's disk. 33,554,432 is a 512 x 512 x 128 volume.
+    "max-sample-voxels": 33_554_432,
 }
 MISSING_IMAGES = ("report", "stop")
 POLICY_KEYS = ("budget-epsilon", *POLICY_DEFAULTS)
@@ -53,6 +58,7 @@ class SitePolicy:
     patient_key: str = ""
     missing_images: str = "report"
     max_model_parameters: int = 100_000_000
+    max_sample_voxels: int = 33_554_432
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], source: str = "node config") -> "SitePolicy":
@@ -76,6 +82,7 @@ class SitePolicy:
             patient_key=_text(source, "patient-key", values["patient-key"]),
             missing_images=_choice(source, "missing-images", values["missing-images"], MISSING_IMAGES),
             max_model_parameters=_count(source, "max-model-parameters", values["max-model-parameters"]),
+            max_sample_voxels=_count(source, "max-sample-voxels", values["max-sample-voxels"]),
         )
         return policy
 
@@ -92,11 +99,18 @@ class SitePolicy:
                     "site allows one run")
         return None
 
-    def network_refusal(self, parameters: int) -> str | None:
-        """Why this site will not build a network of `parameters` parameters for the run, or None."""
+    def size_refusal(self, parameters: int, sample_voxels: int) -> str | None:
+        """Why this site will not build the run's network of `parameters` parameters, or prepare samples of
+        `sample_voxels` voxels, or None; both counted from the run config before anything is allocated."""
         if self.max_model_parameters and parameters > self.max_model_parameters:
             return (f"the run's network has {parameters:,} parameters, over the {self.max_model_parameters:,} this "
                     "site builds (its max-model-parameters)")
+        return self.voxels_refusal(sample_voxels, "the run's samples have")
+
+    def voxels_refusal(self, voxels: int, what: str) -> str | None:
+        """Why this site will not prepare `what` `voxels` voxels, or None."""
+        if self.max_sample_voxels and voxels > self.max_sample_voxels:
+            return f"{what} {voxels:,} voxels, over the {self.max_sample_voxels:,} this site prepares (its max-sample-voxels)"
         return None
 
     def delta_refusal(self, requested: float, delta: float) -> str | None:

@@ -40,7 +40,8 @@ class Segmentation3D(Segmentation):
     def datasets(self, config: RunConfig, site: Site, split: Any) -> SiteDatasets:
         return segmentation_volume_datasets(site.data_path, split, window=config.window_range,
                                             spacing=config.spacing_zyx, patch_size=config.patch_zyx,
-                                            irregular=config.irregular_series)
+                                            irregular=config.irregular_series,
+                                            max_voxels=site.policy.max_sample_voxels)
 
     def evaluate(self, model: nn.Module, data: SiteDatasets, config: RunConfig) -> dict[str, float]:
         return evaluate_volumes(model, data.val, config.patch_zyx, config.batch_size, self.loss(config))

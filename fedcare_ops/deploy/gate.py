@@ -48,7 +48,7 @@ from fedcare.config import RunConfig
 from fedcare_ops.deploy.approvals import Approvals
 from fedcare_ops.deploy.install import AppInstallError, install_app
 from fedcare.egress import EGRESS_BY_GATE, append_entry, network_spec, reply_entry
-from fedcare.model import network_parameters
+from fedcare.model import network_parameters, sample_voxels
 from fedcare.errors import APP_REFUSED_CODE, SITE_ERROR_CODE, FedcareError, site_error_reason
 from fedcare.sites import site_from_settings
 
@@ -65,7 +65,7 @@ def check_run_request(run_config: dict[str, Any], node_config: dict[str, Any]) -
     try:
         site = site_from_settings(node_config, "node config")
         config = RunConfig.from_mapping(run_config)
-        return site.policy.refusal(config) or site.policy.network_refusal(network_parameters(config))
+        return site.policy.refusal(config) or site.policy.size_refusal(network_parameters(config), sample_voxels(config))
     except FedcareError as err:
         log.error("%s", err)  # the detail may name the site's folders: it stays here
         return err.kind

@@ -123,10 +123,13 @@ def test_the_gate_runs_only_an_approved_bundle_whose_bytes_match(tmp_path):
     assert check_run_request({"dp": False}, NODE | {"dp-required": False}) is None
     assert check_run_request({"target-epsilon": 9.0}, NODE | {"max-run-epsilon": 4.0}).startswith("the run asks to spend")
     assert "setting is wrong" in check_run_request({}, {"site-name": "x"})  # no budget: the kind, not the detail
-    # A network the site's max-model-parameters does not allow is refused before the bundle runs.
+    # A network larger than the site's max-model-parameters is refused before the bundle runs.
     huge = {"model": "DenseNet121", "model-args": '{"init_features": 512, "growth_rate": 256}'}
     assert check_run_request(huge, NODE).startswith("the run's network has 439,801,858 parameters, over the 100,000,000")
     assert check_run_request(huge, NODE | {"max-model-parameters": 0}) is None
+    # So are samples larger than its max-sample-voxels (the run config sets image-size and patch-size).
+    assert check_run_request({"image-size": 6000}, NODE).startswith("the run's samples have 36,000,000 voxels")
+    assert check_run_request({"image-size": 6000}, NODE | {"max-sample-voxels": 0}) is None
 
 
 def reply(node: int, claimed: str | None, error: Error | None = None) -> Message:
