@@ -20,6 +20,7 @@ from torch import nn
 from client_app.egress import egress_log
 from client_app.guard import failed_reply, site_guard
 from data_adapters import SiteDatasets, StoredSplit
+from data_adapters.cache import limit_cache
 from fedcare.config import RunConfig
 from fedcare.device import cpu_state, model_device, release, resolve_device
 from fedcare.egress import count_replies
@@ -63,6 +64,8 @@ def start(msg: Message, context: Context) -> Work:
     too_large = site.policy.size_refusal(network_parameters(config), sample_voxels(config))  # nothing allocated yet
     if too_large:
         raise RunTooLarge(f"{site.name}: {too_large}")
+    if site.cache_path is not None:
+        limit_cache(site.cache_path, site.cache_max_bytes)  # before this run's images are cached
     model = build_model(config)
     load_global_model(model, msg)
     model.to(device)

@@ -6,7 +6,11 @@ batches (one .npy per load, frames stacked) and read back memory-mapped, so a la
 round reads a handful of files instead of decoding thousands. Content digests are remembered by
 (path, size, mtime), so an unchanged site is not even re-read to find its keys.
 
-The folder holds only what this module writes, marked by a CACHEDIR.TAG; `clear` removes it.
+The folder holds only what this module writes, marked by a CACHEDIR.TAG; `clear` removes it. Its
+size is bounded by the limit the site stores in it (`limit_cache`, from the site's cache-max-gb):
+every new window, image size or channel count a run asks for is a new copy of the site's images, so
+without a bound a coordinator could fill the site's disk run by run. The batches read or written
+longest ago are removed first.
 
 The cache only ever makes a site faster: a write that fails (disk full, a read-only folder) logs a
 warning in the site's own log and the site goes on without caching, never failing its round.
@@ -27,8 +31,8 @@ import numpy as np
 
 from fedcare.errors import SiteDataError
 
-__all__ = ["DecodeCache", "content_digest", "sample_key", "clear_cache", "prepare_cache_dir", "usable_cache_dir",
-           "write_or_warn"]
+__all__ = ["DecodeCache", "content_digest", "sample_key", "clear_cache", "limit_cache", "prepare_cache_dir",
+           "usable_cache_dir", "write_or_warn"]
 
 log = logging.getLogger("fedcare.site")  # the site's own log: it never leaves the site
 
@@ -36,6 +40,8 @@ _TAG_NAME = "CACHEDIR.TAG"
 # The standard signature (bford.info/cachedir) that backup tools recognise and skip.
 _TAG_TEXT = "Signature: 8a477f597d28d172789f06886806bc55\n# fedcare decode cache: safe to delete\n"
 _TABLE = "table.json"
+_LIMIT = "limit.json"
+_BATCHES = "batch-*.npy"
 
 
 def content_digest(raw: bytes) -> str:
@@ -103,6 +109,13 @@ def prepare_cache_dir(root: Path) -> Path:
     return root
 
 
+def limit_cache(root: Path, max_bytes: int) -> None:
+    """Store the site's size limit in its cache folder (0: none), for every process that writes there."""
+    prepared = usable_cache_dir(root)
+    if prepared is not None and _read_json(prepared / _LIMIT).get("max_bytes") != max_bytes:
+        write_or_warn(prepared, lambda: _write_json(prepared / _LIMIT, {"max_bytes": max_bytes}))
+
+
 def usable_cache_dir(root: Path) -> Path | None:
     """The prepared cache folder, or None (with a warning in the site's log) when it cannot be written."""
     try:
@@ -123,6 +136,7 @@ class DecodeCache:
         self.writable = prepared is not None
         self._table: dict[str, list] = _read_json(self.root / _TABLE)
         self._batches: dict[str, np.ndarray] = {}
+        self.max_bytes = int(_read_json(self.root / _LIMIT).get("max_bytes", 0))
 
     def _write(self, write: Callable[[], None]) -> None:
         self.writable = self.writable and write_or_warn(self.root, write)
@@ -152,6 +166,7 @@ class DecodeCache:
         if batch not in self._batches:
             try:
                 self._batches[batch] = np.load(self.root / batch, mmap_mode="r")
+                os.utime(self.root / batch)  # used now: removed last when the cache makes room
             except (OSError, ValueError):
                 return None
         return self._batches[batch][start : start + count]
@@ -168,6 +183,8 @@ class DecodeCache:
         for items in by_shape.values():
             batch = f"batch-{secrets.token_hex(8)}.npy"
             stacked = np.concatenate([np.asarray(a, dtype=np.float32) for _, a in items])
+            if not self._make_room(stacked.nbytes):
+                continue
             write_atomic(self.root / batch, self.root / f".{batch}.tmp", lambda tmp: _save_array(tmp, stacked))
             start = 0
             for key, array in items:
@@ -175,8 +192,39 @@ class DecodeCache:
                 start += len(array)
         # Merge with entries another process may have added meanwhile; losing a race costs a re-decode.
         merged = {**_read_json(self.root / _TABLE), **self._table}
-        self._table = merged
-        _write_json(self.root / _TABLE, merged)
+        kept = {batch.name for batch in self.root.glob(_BATCHES)}
+        self._table = {key: entry for key, entry in merged.items() if entry[0] in kept}
+        _write_json(self.root / _TABLE, self._table)
+
+    def _make_room(self, needed: int) -> bool:
+        """Remove the batches used longest ago until `needed` more bytes fit under the limit; False when
+        they never can (the batch alone is over it), and then nothing is removed."""
+        if not self.max_bytes:
+            return True
+        if needed > self.max_bytes:
+            log.warning("decode cache %s: %s bytes of images are over its cache-max-gb limit; not cached", self.root,
+                        f"{needed:,}")
+            return False
+        batches = sorted(_batch_files(self.root))
+        used = sum(size for _, size, _ in batches)
+        for _, size, path in batches:
+            if used + needed <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)  # a process that has it memory-mapped keeps reading it
+            used -= size
+        return True
+
+
+def _batch_files(root: Path) -> list[tuple[int, int, Path]]:
+    """(last used, bytes, path) of each batch; one another process removes meanwhile is skipped."""
+    found = []
+    for path in root.glob(_BATCHES):
+        try:
+            status = path.stat()
+        except FileNotFoundError:
+            continue
+        found.append((status.st_mtime_ns, status.st_size, path))
+    return found
 
 
 def clear_cache(cache_dir: Path) -> int:

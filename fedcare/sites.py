@@ -10,6 +10,7 @@ refuses. No setting that protects a site is ever taken from the run config.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,10 @@ from fedcare.policy import POLICY_KEYS, SitePolicy
 # A simulated site's own settings live beside its images; no reader takes them for data.
 SITE_FILE = "site.toml"
 DEFAULT_CACHE = "decode-cache"
-NODE_KEYS = ("site-name", "data-path", "state-path", "cache-dir", "device", *POLICY_KEYS)
+# The decode cache's limit: each window, image size or channel count a run asks for is another copy of
+# the site's images, so it is bounded by the site, never by the run.
+DEFAULT_CACHE_GB = 20.0
+NODE_KEYS = ("site-name", "data-path", "state-path", "cache-dir", "cache-max-gb", "device", *POLICY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Site:
     state_path: Path
     policy: SitePolicy
     cache_dir: str = DEFAULT_CACHE  # under the state folder; "" keeps no decode cache
+    cache_max_gb: float = DEFAULT_CACHE_GB  # the most the decode cache holds; 0: no limit
     device: str = "auto"  # where it trains: auto, cpu, cuda or cuda:N (fedcare.device)
 
     @property
@@ -45,6 +50,10 @@ class Site:
     @property
     def cache_path(self) -> Path | None:
         return self.state_path / self.cache_dir if self.cache_dir else None
+
+    @property
+    def cache_max_bytes(self) -> int:
+        return int(self.cache_max_gb * 1e9)
 
     @property
     def egress_path(self) -> Path:
@@ -85,12 +94,17 @@ def site_from_settings(settings: Mapping[str, Any], source: str) -> Site:
     cache_dir = str(settings.get("cache-dir", DEFAULT_CACHE))
     if Path(cache_dir).is_absolute() or ".." in Path(cache_dir).parts:
         raise ConfigError(f"{source}: 'cache-dir' = {cache_dir!r} must be a folder name inside the state folder")
+    cache_max_gb = settings.get("cache-max-gb", DEFAULT_CACHE_GB)
+    if isinstance(cache_max_gb, bool) or not isinstance(cache_max_gb, (int, float)) or not 0 <= cache_max_gb < math.inf:
+        raise ConfigError(f"{source}: 'cache-max-gb' = {cache_max_gb!r} must be a number of gigabytes, 0 or more "
+                          "(0: no limit)")
     return Site(
         name=str(settings["site-name"]),
         data_path=Path(str(settings["data-path"])),
         state_path=Path(str(settings["state-path"])),
         policy=SitePolicy.from_settings(settings, source),
         cache_dir=cache_dir,
+        cache_max_gb=float(cache_max_gb),
         device=str(settings.get("device", "auto")),
     )
 
