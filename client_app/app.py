@@ -11,7 +11,7 @@ from the site's entropy; the exact training loss stays in the site's log.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -150,7 +150,7 @@ def train_within_budget(msg: Message, work: Work, ledger: Ledger, data: SiteData
     if not plan.affordable:
         log.warning("%s round %d refused: %s", site.name, work.server_round, plan.refusal)
         return _privacy_reply(msg, work, plan.reply_fields() | _history_lists(entries, work.run_id))
-    loss, record = train_private(work.model, units, work.config, plan, history, proximal_mu)
+    loss, record = train_private(work.model, units, work.config, plan, history, proximal_mu, site.max_physical_batch)
     record_round(ledger, record, work.run_id, work.server_round)
     log.info("%s round %d trained: loss %.4f, epsilon %.3f of %.3f", site.name, work.server_round, loss,
              record.epsilon, record.budget_epsilon)
@@ -193,7 +193,9 @@ def evaluate_within_quota(msg: Message, work: Work) -> Message:
         return Message(RecordDict({"refusal": ConfigRecord({"reason": reason}), "site": _site_record(work.site)}),
                        reply_to=msg)
     data = ready_data(work)
-    metrics = work.task.evaluate(work.model, data, work.config)
+    # Evaluation batches change no metric: at most the site's physical batch.
+    batches = replace(work.config, batch_size=min(work.config.batch_size, work.site.max_physical_batch))
+    metrics = work.task.evaluate(work.model, data, batches)
     metrics["num-examples"] = data.num_val
     return Message(RecordDict({"metrics": MetricRecord(metrics), "site": _site_record(work.site)}), reply_to=msg)
 

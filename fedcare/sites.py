@@ -28,7 +28,12 @@ DEFAULT_CACHE = "decode-cache"
 # The decode cache's limit: each window, image size or channel count a run asks for is another copy of
 # the site's images, so it is bounded by the site, never by the run.
 DEFAULT_CACHE_GB = 20.0
-NODE_KEYS = ("site-name", "data-path", "state-path", "cache-dir", "cache-max-gb", "device", *POLICY_KEYS)
+# The most samples the site puts through its network at once. The run's batch-size is a privacy
+# setting (the sampling rate), and a larger one is split into physical batches of this size, which
+# changes no result, so the run config cannot set how much memory a step takes.
+DEFAULT_PHYSICAL_BATCH = 64
+NODE_KEYS = ("site-name", "data-path", "state-path", "cache-dir", "cache-max-gb", "max-physical-batch", "device",
+             *POLICY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Site:
     policy: SitePolicy
     cache_dir: str = DEFAULT_CACHE  # under the state folder; "" keeps no decode cache
     cache_max_gb: float = DEFAULT_CACHE_GB  # the most the decode cache holds; 0: no limit
+    max_physical_batch: int = DEFAULT_PHYSICAL_BATCH  # samples through the network at once
     device: str = "auto"  # where it trains: auto, cpu, cuda or cuda:N (fedcare.device)
 
     @property
@@ -98,6 +104,9 @@ def site_from_settings(settings: Mapping[str, Any], source: str) -> Site:
     if isinstance(cache_max_gb, bool) or not isinstance(cache_max_gb, (int, float)) or not 0 <= cache_max_gb < math.inf:
         raise ConfigError(f"{source}: 'cache-max-gb' = {cache_max_gb!r} must be a number of gigabytes, 0 or more "
                           "(0: no limit)")
+    physical = settings.get("max-physical-batch", DEFAULT_PHYSICAL_BATCH)
+    if isinstance(physical, bool) or not isinstance(physical, int) or physical < 1:
+        raise ConfigError(f"{source}: 'max-physical-batch' = {physical!r} must be a whole number of samples, 1 or more")
     return Site(
         name=str(settings["site-name"]),
         data_path=Path(str(settings["data-path"])),
@@ -105,6 +114,7 @@ def site_from_settings(settings: Mapping[str, Any], source: str) -> Site:
         policy=SitePolicy.from_settings(settings, source),
         cache_dir=cache_dir,
         cache_max_gb=float(cache_max_gb),
+        max_physical_batch=physical,
         device=str(settings.get("device", "auto")),
     )
 

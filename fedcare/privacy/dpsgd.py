@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,7 +27,7 @@ from fedcare.privacy.accounting import default_delta, epsilon, epsilon_after, no
 from fedcare.privacy.ledger import Ledger, LedgerEntry, private_history
 from fedcare.privacy.randomness import site_generator
 from fedcare.privacy.record import DP_SGD, NO_DP, PrivacyRecord
-from fedcare.sites import Site
+from fedcare.sites import DEFAULT_PHYSICAL_BATCH, Site
 from fedcare.training import make_loader, make_optimizer, steps_per_epoch, train_epochs
 
 History = list[tuple[float, float, int]]
@@ -171,12 +172,18 @@ def private_training(
 
 def train_private(
     model: nn.Module, dataset: Dataset, config: RunConfig, plan: RoundPlan, history: History,
-    proximal_mu: float = 0.0,
+    proximal_mu: float = 0.0, physical_batch: int = DEFAULT_PHYSICAL_BATCH,
 ) -> tuple[float, PrivacyRecord]:
-    """Train one round under DP-SGD; returns (mean loss, the round's record with the steps really taken)."""
+    """Train one round under DP-SGD; returns (mean loss, the round's record with the steps really taken).
+
+    A Poisson batch larger than `physical_batch` (the site's max-physical-batch) goes through the
+    network in parts whose clipped gradients are summed before the one noisy step: the same step,
+    in less memory.
+    """
     private = private_training(model, dataset, config, plan, history, proximal_mu)
-    loss = train_epochs(private.model, private.loader, private.optimizer, config.local_epochs,
-                        task_for(config).loss(config))
+    with BatchMemoryManager(data_loader=private.loader, max_physical_batch_size=physical_batch,
+                            optimizer=private.optimizer) as loader:
+        loss = train_epochs(private.model, loader, private.optimizer, config.local_epochs, task_for(config).loss(config))
     steps = sum(step for _, _, step in private.engine.accountant.history) - sum(step for _, _, step in history)
     record = plan.record
     spent = epsilon_after(history, record.noise_multiplier, record.sample_rate, steps, record.delta, record.accountant)

@@ -279,7 +279,7 @@ def site_policy(env: Mapping[str, str]) -> dict[str, object]:
         raise FedcareError("FEDCARE_BUDGET_EPSILON is not set: a site sets its own lifetime epsilon budget "
                            "(e.g. FEDCARE_BUDGET_EPSILON=8.0); it does not start without one")
     policy: dict[str, object] = {}
-    for key in (*POLICY_KEYS, "cache-dir", "cache-max-gb", "device"):
+    for key in (*POLICY_KEYS, "cache-dir", "cache-max-gb", "max-physical-batch", "device"):
         variable = "FEDCARE_" + key.upper().replace("-", "_")
         if env.get(variable, "").strip():
             value = _value(env, variable)
