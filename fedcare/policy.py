@@ -105,12 +105,9 @@ class SitePolicy:
         if self.max_model_parameters and parameters > self.max_model_parameters:
             return (f"the run's network has {parameters:,} parameters, over the {self.max_model_parameters:,} this "
                     "site builds (its max-model-parameters)")
-        return self.voxels_refusal(sample_voxels, "the run's samples have")
-
-    def voxels_refusal(self, voxels: int, what: str) -> str | None:
-        """Why this site will not prepare `what` `voxels` voxels, or None."""
-        if self.max_sample_voxels and voxels > self.max_sample_voxels:
-            return f"{what} {voxels:,} voxels, over the {self.max_sample_voxels:,} this site prepares (its max-sample-voxels)"
+        if self.max_sample_voxels and sample_voxels > self.max_sample_voxels:
+            return (f"the run's samples have {sample_voxels:,} voxels, over the {self.max_sample_voxels:,} this site "
+                    "prepares (its max-sample-voxels)")
         return None
 
     def delta_refusal(self, requested: float, delta: float) -> str | None:
