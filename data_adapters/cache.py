@@ -18,6 +18,7 @@ warning in the site's own log and the site goes on without caching, never failin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -166,9 +167,11 @@ class DecodeCache:
         if batch not in self._batches:
             try:
                 self._batches[batch] = np.load(self.root / batch, mmap_mode="r")
-                os.utime(self.root / batch)  # used now: removed last when the cache makes room
             except (OSError, ValueError):
                 return None
+            if self.writable:
+                with contextlib.suppress(OSError):  # used now: removed last when the cache makes room
+                    os.utime(self.root / batch)
         return self._batches[batch][start : start + count]
 
     def put_many(self, arrays: dict[str, np.ndarray]) -> None:
