@@ -113,7 +113,7 @@ def prepare_cache_dir(root: Path) -> Path:
 def limit_cache(root: Path, max_bytes: int) -> None:
     """Store the site's size limit in its cache folder (0: none), for every process that writes there."""
     prepared = usable_cache_dir(root)
-    if prepared is not None and _read_json(prepared / _LIMIT).get("max_bytes") != max_bytes:
+    if prepared is not None and _stored_limit(prepared) != max_bytes:
         write_or_warn(prepared, lambda: _write_json(prepared / _LIMIT, {"max_bytes": max_bytes}))
 
 
@@ -137,7 +137,7 @@ class DecodeCache:
         self.writable = prepared is not None
         self._table: dict[str, list] = _read_json(self.root / _TABLE)
         self._batches: dict[str, np.ndarray] = {}
-        self.max_bytes = int(_read_json(self.root / _LIMIT).get("max_bytes", 0))
+        self.max_bytes = _stored_limit(self.root)
 
     def _write(self, write: Callable[[], None]) -> None:
         self.writable = self.writable and write_or_warn(self.root, write)
@@ -216,6 +216,12 @@ class DecodeCache:
             path.unlink(missing_ok=True)  # a process that has it memory-mapped keeps reading it
             used -= size
         return True
+
+
+def _stored_limit(root: Path) -> int:
+    """The limit `limit_cache` stored, in bytes; 0 (none) when there is none or it is damaged."""
+    limit = _read_json(root / _LIMIT).get("max_bytes", 0)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
 
 
 def _batch_files(root: Path) -> list[tuple[int, int, Path]]:

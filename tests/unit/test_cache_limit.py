@@ -10,25 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Message
 
 from client_app.app import evaluate_global
 from data_adapters.cache import DecodeCache, limit_cache
-from fedcare.config import RunConfig
 from fedcare.errors import ConfigError
-from fedcare.model import build_model
 from fedcare.sites import site_from_settings
+from tests.unit.test_client_app import context, request
 
 
-def evaluate(data: Path, state: Path, run: int, window: str, **node) -> Message:
-    content = RecordDict({"arrays": ArrayRecord(build_model(RunConfig()).state_dict()),
-                          "config": ConfigRecord({"server-round": 1})})
-    metadata = Metadata(run_id=run, message_id=f"e{run}", src_node_id=0, dst_node_id=5, reply_to_message_id="",
-                        group_id="1", created_at=0.0, ttl=600.0, message_type="evaluate")
-    context = Context(run_id=run, node_id=5, state=RecordDict(), run_config={"batch-size": 16, "window": window},
-                      node_config={"site-name": "north", "data-path": str(data), "state-path": str(state),
-                                   "budget-epsilon": 8.0, **node})
-    return evaluate_global(Message(content, metadata=metadata), context)
+def evaluate(data: Path, state: Path, window: str, **node) -> Message:
+    """The site's evaluation, asked by a run that wants `window`."""
+    return evaluate_global(request("evaluate"), context(data, state, run={"batch-size": 16, "window": window}, **node))
 
 
 def cached_bytes(state: Path) -> int:
@@ -36,13 +29,13 @@ def cached_bytes(state: Path) -> int:
 
 
 def test_runs_asking_for_new_windows_cannot_grow_the_cache_past_the_sites_limit(demo_site: Path, tmp_path: Path):
-    reply = evaluate(demo_site, tmp_path / "measure", 1, "-1000,400")
+    reply = evaluate(demo_site, tmp_path / "measure", "-1000,400")
     assert not reply.has_error()
     one_copy = cached_bytes(tmp_path / "measure")
     assert one_copy > 0
     state, limit = tmp_path / "state", 2.5 * one_copy
     for run in range(1, 6):  # five runs, five windows: five copies of the site without a limit
-        reply = evaluate(demo_site, state, run, f"{-1000 + run},400", **{"cache-max-gb": limit / 1e9})
+        reply = evaluate(demo_site, state, f"{-1000 + run},400", cache_max_gb=limit / 1e9)
         assert not reply.has_error()
         assert cached_bytes(state) <= limit
     assert cached_bytes(state) >= 2 * one_copy  # the last two runs' copies are kept
